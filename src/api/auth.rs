@@ -1,0 +1,163 @@
+//! Who may call: bearer tokens on TCP, peer credentials on the Unix socket.
+//!
+//! Tokens are configured as SHA-256 hashes. A presented token is hashed and compared with
+//! every configured hash in constant time (no early exit), so timing reveals neither which
+//! hash nor how much of it matched. On the Unix socket the kernel tells us the peer's uid
+//! and gid (`SO_PEERCRED`); root and members of `api.socket_group` are let in.
+
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::UnixPeer;
+use crate::app::App;
+use crate::errors::ErrorCode;
+
+/// Accepted token hashes, decoded once.
+#[derive(Clone, Default)]
+pub struct TokenSet {
+    hashes: Vec<[u8; 32]>,
+}
+
+impl TokenSet {
+    /// From hex SHA-256 strings (validated by the config loader; bad ones are skipped).
+    pub fn from_hex(hashes: &[String]) -> TokenSet {
+        TokenSet {
+            hashes: hashes
+                .iter()
+                .filter_map(|h| hex::decode(h).ok()?.try_into().ok())
+                .collect(),
+        }
+    }
+
+    pub fn accepts(&self, token: &str) -> bool {
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut found = subtle::Choice::from(0u8);
+        for h in &self.hashes {
+            found |= h.ct_eq(&presented);
+        }
+        bool::from(found)
+    }
+}
+
+/// SHA-256 hex of a token, as written in `api.token_sha256`.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Which local users may use the Unix socket.
+#[derive(Clone, Default)]
+pub struct SocketPolicy {
+    pub group: Option<(nix::unistd::Gid, Vec<String>)>,
+}
+
+impl SocketPolicy {
+    pub fn from_group(name: &str) -> SocketPolicy {
+        if name.is_empty() {
+            return SocketPolicy::default();
+        }
+        match nix::unistd::Group::from_name(name) {
+            Ok(Some(g)) => SocketPolicy {
+                group: Some((g.gid, g.mem)),
+            },
+            _ => {
+                tracing::warn!(group = name, "api.socket_group does not exist; root only");
+                SocketPolicy::default()
+            }
+        }
+    }
+
+    pub fn allows(&self, peer: &UnixPeer) -> bool {
+        if peer.uid == 0 {
+            return true;
+        }
+        let Some((gid, members)) = &self.group else {
+            return false;
+        };
+        if peer.gid == gid.as_raw() {
+            return true;
+        }
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(peer.uid))
+            .ok()
+            .flatten()
+            .is_some_and(|u| members.contains(&u.name) || u.gid == *gid)
+    }
+}
+
+pub async fn require_auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<UnixPeer>>() {
+        if app.socket_policy.allows(peer) {
+            return next.run(req).await;
+        }
+        return ApiError::new(
+            ErrorCode::InvalidApiKey,
+            format!(
+                "uid {} is not root or a member of the admin group",
+                peer.uid
+            ),
+        )
+        .into_response();
+    }
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let Some(header) = header else {
+        return ApiError::new(ErrorCode::NoApiKey, "send Authorization: Bearer <token>")
+            .into_response();
+    };
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .unwrap_or("")
+        .trim();
+    if token.is_empty() {
+        return ApiError::new(ErrorCode::NoApiKey, "send Authorization: Bearer <token>")
+            .into_response();
+    }
+    if !app.tokens.accepts(token) {
+        return ApiError::new(ErrorCode::InvalidApiKey, "the token is not valid").into_response();
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_checked_against_their_hashes() {
+        let set = TokenSet::from_hex(&[hash_token("alpha"), hash_token("beta")]);
+
+        assert!(set.accepts("alpha"));
+        assert!(set.accepts("beta"));
+        assert!(!set.accepts("gamma"));
+        assert!(!set.accepts(""));
+    }
+
+    #[test]
+    fn token_hashes_are_sha256_hex() {
+        assert_eq!(
+            hash_token("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn an_empty_token_set_accepts_nothing() {
+        assert!(!TokenSet::default().accepts("anything"));
+    }
+
+    #[test]
+    fn root_is_always_allowed_on_the_socket() {
+        let policy = SocketPolicy::default();
+
+        assert!(policy.allows(&UnixPeer { uid: 0, gid: 0 }));
+        assert!(!policy.allows(&UnixPeer { uid: 1000, gid: 1000 }));
+    }
+}

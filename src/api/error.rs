@@ -1,0 +1,200 @@
+//! Errors as the client sees them: the envelope, and the one table from error code to HTTP
+//! status.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::errors::ErrorCode;
+use crate::vm::VmError;
+
+/// The HTTP status of every contract error code.
+pub fn http_status(code: ErrorCode) -> StatusCode {
+    use ErrorCode::*;
+    match code {
+        NoApiKey | InvalidApiKey => StatusCode::UNAUTHORIZED,
+        InvalidTicket => StatusCode::FORBIDDEN,
+        VpsNotFound | TaskNotFound | SnapshotNotFound | NetworkNotFound | IpNotFound
+        | RouteNotFound => StatusCode::NOT_FOUND,
+        MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        VpsExists | TaskInProgress | InvalidState | InsufficientCapacity | IpPoolExhausted
+        | IpInUse => StatusCode::CONFLICT,
+        MissingFields | InvalidJson | InvalidHostname | PasswordTooShort | PasswordTooLong
+        | PasswordWeak | InvalidSshKey | InvalidTemplate | InvalidName | InvalidResources
+        | ConfirmationRequired | PrimaryIp => StatusCode::BAD_REQUEST,
+        PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        HypervisorUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        StartFailed | StopFailed | RestartFailed | DeleteFailed | StatusFailed | ConsoleFailed
+        | DeploymentFailed => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The short `error` text for a code.
+fn title(code: ErrorCode) -> &'static str {
+    use ErrorCode::*;
+    match code {
+        NoApiKey => "API key required",
+        InvalidApiKey => "Invalid API key",
+        VpsNotFound => "VPS not found",
+        TaskNotFound => "Task not found",
+        SnapshotNotFound => "Snapshot not found",
+        NetworkNotFound => "Network not found",
+        IpNotFound => "IP not found",
+        RouteNotFound => "Route not found",
+        MethodNotAllowed => "Method not allowed",
+        VpsExists => "VPS already exists",
+        TaskInProgress => "Task in progress",
+        InvalidState => "Invalid state",
+        MissingFields => "Missing fields",
+        InvalidJson => "Invalid request body",
+        InvalidHostname => "Invalid hostname",
+        PasswordTooShort => "Password too short",
+        PasswordTooLong => "Password too long",
+        PasswordWeak => "Password too weak",
+        InvalidSshKey => "Invalid SSH key",
+        InvalidTemplate => "Invalid template",
+        InvalidName => "Invalid name",
+        InvalidResources => "Invalid resources",
+        ConfirmationRequired => "Confirmation required",
+        InsufficientCapacity => "Insufficient capacity",
+        IpPoolExhausted => "IP pool exhausted",
+        IpInUse => "IP in use",
+        PrimaryIp => "Primary IP",
+        InvalidTicket => "Invalid ticket",
+        PayloadTooLarge => "Payload too large",
+        HypervisorUnavailable => "Hypervisor unavailable",
+        StartFailed => "Start failed",
+        StopFailed => "Stop failed",
+        RestartFailed => "Restart failed",
+        DeleteFailed => "Delete failed",
+        StatusFailed => "Status failed",
+        ConsoleFailed => "Console failed",
+        DeploymentFailed => "Deployment failed",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    success: bool,
+    error: &'a str,
+    error_code: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = http_status(self.code);
+        let body = ErrorBody {
+            success: false,
+            error: title(self.code),
+            error_code: self.code.as_str(),
+            message: &self.message,
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<VmError> for ApiError {
+    fn from(e: VmError) -> ApiError {
+        let code = e.code();
+        let message = match &e {
+            // Store and runtime failures are the operator's to read in the log.
+            VmError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                "internal error; the agent's log has the details".to_owned()
+            }
+            other => {
+                if http_status(code).is_server_error() {
+                    tracing::error!(code = code.as_str(), error = %other, "request failed");
+                }
+                other.to_string()
+            }
+        };
+        ApiError { code, message }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    #[test]
+    fn test_missing_vm_maps_to_not_found() {
+        let e: ApiError = VmError::NotFound(Uuid::nil()).into();
+
+        assert_eq!(e.code, ErrorCode::VpsNotFound);
+        assert_eq!(http_status(e.code), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn every_code_has_the_contract_status() {
+        let expected = [
+            ("NO_API_KEY", 401),
+            ("INVALID_API_KEY", 401),
+            ("VPS_NOT_FOUND", 404),
+            ("TASK_NOT_FOUND", 404),
+            ("SNAPSHOT_NOT_FOUND", 404),
+            ("NETWORK_NOT_FOUND", 404),
+            ("IP_NOT_FOUND", 404),
+            ("ROUTE_NOT_FOUND", 404),
+            ("METHOD_NOT_ALLOWED", 405),
+            ("VPS_EXISTS", 409),
+            ("TASK_IN_PROGRESS", 409),
+            ("INVALID_STATE", 409),
+            ("MISSING_FIELDS", 400),
+            ("INVALID_JSON", 400),
+            ("INVALID_HOSTNAME", 400),
+            ("PASSWORD_TOO_SHORT", 400),
+            ("PASSWORD_TOO_LONG", 400),
+            ("PASSWORD_WEAK", 400),
+            ("INVALID_SSH_KEY", 400),
+            ("INVALID_TEMPLATE", 400),
+            ("INVALID_NAME", 400),
+            ("INVALID_RESOURCES", 400),
+            ("CONFIRMATION_REQUIRED", 400),
+            ("INSUFFICIENT_CAPACITY", 409),
+            ("IP_POOL_EXHAUSTED", 409),
+            ("IP_IN_USE", 409),
+            ("PRIMARY_IP", 400),
+            ("INVALID_TICKET", 403),
+            ("PAYLOAD_TOO_LARGE", 413),
+            ("HYPERVISOR_UNAVAILABLE", 503),
+            ("START_FAILED", 500),
+            ("STOP_FAILED", 500),
+            ("RESTART_FAILED", 500),
+            ("DELETE_FAILED", 500),
+            ("STATUS_FAILED", 500),
+            ("CONSOLE_FAILED", 500),
+            ("DEPLOYMENT_FAILED", 500),
+        ];
+
+        for (name, status) in expected {
+            let code = ErrorCode::parse(name).unwrap_or_else(|| panic!("{name} is not a code"));
+            assert_eq!(http_status(code).as_u16(), status, "{name}");
+        }
+        assert_eq!(expected.len(), ErrorCode::ALL.len());
+    }
+
+    #[test]
+    fn internal_details_stay_in_the_log() {
+        let e: ApiError = VmError::Internal("disk I/O error at /var/lib/x".into()).into();
+
+        assert!(!e.message.contains("/var/lib"));
+    }
+}

@@ -1,0 +1,159 @@
+//! The HTTP API of `node-api.md`, served identically on TCP and on the Unix socket.
+//!
+//! How a request flows:
+//! 1. `limit_body` refuses a declared body over `api.max_body_bytes` with 413 before
+//!    anything reads it; `DefaultBodyLimit` enforces the same bound while reading.
+//! 2. The router matches a path and method; no match is 404 `ROUTE_NOT_FOUND` or
+//!    405 `METHOD_NOT_ALLOWED`, in the envelope.
+//! 3. Every route but `/v1/health` passes `auth::require_auth` (bearer token on TCP, peer
+//!    credentials on the socket).
+//! 4. The handler turns the request into a domain call (`vm::VmManager`, `app::App`), awaits
+//!    it, and wraps the result: `{"success": true, "data": …}`. Domain errors become
+//!    envelope errors through the one table in `error.rs`.
+//! 5. A panic anywhere below is caught and answered with a 500 envelope; the agent lives on.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+mod node;
+mod tasks;
+mod vms;
+
+use std::sync::Arc;
+
+use axum::extract::connect_info::Connected;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::app::App;
+use crate::errors::ErrorCode;
+use error::ApiError;
+
+/// The peer of a Unix socket connection, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixPeer {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for UnixPeer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(cred) => UnixPeer {
+                uid: cred.uid(),
+                gid: cred.gid(),
+            },
+            // Unknown peers get an unprivileged identity.
+            Err(_) => UnixPeer {
+                uid: u32::MAX,
+                gid: u32::MAX,
+            },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<T> {
+    success: bool,
+    data: T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+/// `200 {"success": true, "data": data}`.
+pub fn ok<T: Serialize>(data: T) -> Response {
+    with_status(StatusCode::OK, data, None)
+}
+
+pub fn with_status<T: Serialize>(status: StatusCode, data: T, message: Option<String>) -> Response {
+    (
+        status,
+        Json(Envelope {
+            success: true,
+            data,
+            message,
+        }),
+    )
+        .into_response()
+}
+
+pub type ApiResult = Result<Response, ApiError>;
+
+pub fn router(app: Arc<App>) -> Router {
+    let protected = Router::new()
+        .route("/v1/node", get(node::node_info))
+        .route("/v1/templates", get(node::templates))
+        .route("/v1/vms", get(vms::vm_list).post(vms::vm_create))
+        .route("/v1/vms/{id}", get(vms::vm_get).delete(vms::vm_delete))
+        .route("/v1/vms/{id}/deployment", get(vms::vm_deployment))
+        .route("/v1/vms/{id}/start", post(vms::vm_start))
+        .route("/v1/vms/{id}/stop", post(vms::vm_stop))
+        .route("/v1/vms/{id}/restart", post(vms::vm_restart))
+        .route("/v1/vms/{id}/reset", post(vms::vm_reset))
+        .route("/v1/vms/{id}/suspend", post(vms::vm_suspend))
+        .route("/v1/vms/{id}/resume", post(vms::vm_resume))
+        .route("/v1/tasks", get(tasks::task_list))
+        .route("/v1/tasks/{id}", get(tasks::task_get))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth::require_auth));
+    let public = Router::new().route("/v1/health", get(node::health));
+    let max_body = app.config.api.max_body_bytes;
+    Router::new()
+        .merge(public)
+        .merge(protected)
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(app.clone(), limit_body))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .with_state(app)
+}
+
+async fn route_not_found(req: Request) -> ApiError {
+    ApiError::new(
+        ErrorCode::RouteNotFound,
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+/// Refuses a declared oversized body at once, on every route.
+async fn limit_body(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > app.config.api.max_body_bytes as u64) {
+        return ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "request body exceeds {} bytes",
+                app.config.api.max_body_bytes
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("request handler panicked");
+    let body = serde_json::json!({
+        "success": false,
+        "error": "Internal error",
+        "error_code": "INTERNAL_ERROR",
+        "message": "the request failed inside the agent; its log has the details",
+    });
+    (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+}

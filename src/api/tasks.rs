@@ -1,0 +1,38 @@
+//! `GET /v1/tasks`, `GET /v1/tasks/{id}`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+
+use super::error::ApiError;
+use super::extract::{task_id, vm_id, QueryMap};
+use super::{ok, ApiResult};
+use crate::app::App;
+use crate::errors::ErrorCode;
+use crate::store::{TaskFilter, TaskState};
+
+pub async fn task_list(State(app): State<Arc<App>>, query: QueryMap) -> ApiResult {
+    let state = query
+        .get("state")
+        .map(|s| {
+            TaskState::parse(s).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidJson,
+                    "state must be pending, running, completed, failed or cancelled",
+                )
+            })
+        })
+        .transpose()?;
+    let filter = TaskFilter {
+        vps_id: query.get("vps_id").map(vm_id).transpose()?,
+        state,
+        kind: query.get("kind").map(str::to_owned),
+        limit: Some(query.number("limit")?.unwrap_or(100).clamp(1, 1000) as u32),
+    };
+    let tasks = app.vms.tasks(filter).await?;
+    Ok(ok(serde_json::json!({ "tasks": tasks })))
+}
+
+pub async fn task_get(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
+    Ok(ok(app.vms.task(task_id(&id)?).await?))
+}

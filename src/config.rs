@@ -1,0 +1,585 @@
+//! Configuration: one TOML file where every key has a default, overridable per key by
+//! environment variables.
+//!
+//! Precedence, lowest first: built-in defaults → the TOML file → `HVNODE_<SECTION>__<KEY>`
+//! environment variables (`HVNODE_API__LISTEN=0.0.0.0:8474`,
+//! `HVNODE_NETWORK__POOL__GATEWAY=…`). Values in the environment are parsed as TOML values
+//! when they parse (`8`, `true`, `["a","b"]`) and taken as strings otherwise. Unknown keys are
+//! errors, so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error(
+        "config file {path} holds secrets and is readable by other users (mode {mode:o}); \
+         chmod 0600 or 0640 it"
+    )]
+    WorldReadable { path: PathBuf, mode: u32 },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub api: ApiConfig,
+    pub libvirt: LibvirtConfig,
+    pub storage: StorageConfig,
+    pub network: NetworkConfig,
+    pub tasks: TasksConfig,
+    pub capacity: CapacityConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// TCP listener for the control plane.
+    pub listen: SocketAddr,
+    /// Unix socket for local admins and `hvnode ctl`.
+    pub socket: PathBuf,
+    /// Group (besides root) allowed on the Unix socket; empty means root only.
+    pub socket_group: String,
+    /// Hex SHA-256 hashes of the accepted bearer tokens.
+    pub token_sha256: Vec<String>,
+    /// Base URL the control plane and browsers use to reach this agent (console and
+    /// deployment URLs). Empty: `http://<listen>`.
+    pub public_url: String,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8474),
+            socket: PathBuf::from("/run/hvnode/hvnode.sock"),
+            socket_group: String::new(),
+            token_sha256: Vec::new(),
+            public_url: String::new(),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    Kvm,
+    Tcg,
+}
+
+impl Accelerator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Tcg => "tcg",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtConfig {
+    pub uri: String,
+    /// `kvm` on real hosts; `tcg` (software emulation) where nested KVM is unavailable.
+    pub accelerator: Accelerator,
+    pub machine: String,
+    /// UEFI firmware (read-only code) and the template for each VM's variable store.
+    pub ovmf_code: PathBuf,
+    pub ovmf_vars: PathBuf,
+    /// `<cpu mode=…>`; empty leaves QEMU's default model (required under TCG).
+    pub cpu_mode: String,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        Self {
+            uri: "qemu:///system".into(),
+            accelerator: Accelerator::Kvm,
+            machine: "q35".into(),
+            ovmf_code: PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+            ovmf_vars: PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.fd"),
+            cpu_mode: "host-model".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneMode {
+    /// qcow2 overlay backed by the template: instant, shares the template's blocks.
+    Linked,
+    /// Full copy of the template: independent of it, slower to create.
+    Full,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Template images and their manifests (`templates/*.toml`).
+    pub image_dir: PathBuf,
+    /// One directory per VM: disk overlay and cloud-init seed.
+    pub vm_dir: PathBuf,
+    /// The agent's SQLite journal and records.
+    pub state_db: PathBuf,
+    pub clone: CloneMode,
+    pub qemu_img: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            image_dir: PathBuf::from("/var/lib/hvnode/images"),
+            vm_dir: PathBuf::from("/var/lib/hvnode/vms"),
+            state_db: PathBuf::from("/var/lib/hvnode/hvnode.db"),
+            clone: CloneMode::Linked,
+            qemu_img: PathBuf::from("qemu-img"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Named network namespace (`/run/netns/NAME`) that holds the data plane (bridges, taps,
+    /// guest addresses); empty means the agent's own namespace.
+    pub netns: String,
+    /// Public bridge every VM's first NIC is attached to.
+    pub bridge: String,
+    pub pool: IpPoolConfig,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            netns: String::new(),
+            bridge: "br-public".into(),
+            pool: IpPoolConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IpPoolConfig {
+    /// The public subnet, e.g. `203.0.113.0/24`.
+    pub cidr: IpNetwork,
+    pub gateway: IpAddr,
+    /// First and last address handed to VMs (inclusive).
+    pub first: IpAddr,
+    pub last: IpAddr,
+    /// Addresses inside the range that are never handed out.
+    pub reserved: Vec<IpAddr>,
+    pub dns: Vec<IpAddr>,
+}
+
+impl Default for IpPoolConfig {
+    fn default() -> Self {
+        Self {
+            cidr: "192.0.2.0/24".parse().expect("static CIDR"),
+            gateway: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            first: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+            last: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 250)),
+            reserved: Vec::new(),
+            dns: vec![
+                IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1)),
+                IpAddr::V4(Ipv4Addr::new(9, 9, 9, 9)),
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TasksConfig {
+    /// Tasks running at once across all VMs (tasks on one VM always run one at a time).
+    pub max_concurrent: usize,
+    /// How long `wait_for_guest_agent` waits for `guest-ping` to answer.
+    pub guest_agent_timeout_s: u64,
+    /// How long `verify_connectivity` waits for TCP 22 on the primary address.
+    pub connectivity_timeout_s: u64,
+    /// Skip the TCP check (hosts whose data-plane namespace has no route to guests).
+    pub verify_connectivity: bool,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 8,
+            guest_agent_timeout_s: 600,
+            connectivity_timeout_s: 300,
+            verify_connectivity: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacityConfig {
+    /// vCPUs that may be allocated per host core.
+    pub cpu_overcommit: f64,
+    /// RAM that may be allocated as a fraction of host RAM after the reserve.
+    pub ram_overcommit: f64,
+    /// RAM kept for the host itself.
+    pub ram_reserved_mb: u64,
+    /// Disk that may be allocated as a multiple of the VM storage's size.
+    pub disk_overcommit: f64,
+    /// Limits for a single VM.
+    pub max_cpu_cores: u32,
+    pub max_ram_mb: u64,
+    pub max_disk_gb: u64,
+    pub min_ram_mb: u64,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        Self {
+            cpu_overcommit: 4.0,
+            ram_overcommit: 1.0,
+            ram_reserved_mb: 1024,
+            disk_overcommit: 1.0,
+            max_cpu_cores: 64,
+            max_ram_mb: 512 * 1024,
+            max_disk_gb: 4096,
+            min_ram_mb: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `hvnode=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+    /// `auto` (plain lines without timestamps under systemd, with them on a terminal),
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "auto".into(),
+        }
+    }
+}
+
+const ENV_PREFIX: &str = "HVNODE_";
+
+impl Config {
+    /// Loads defaults, then `path` if given, then environment overrides from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut merged = toml::Value::try_from(Config::default())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let file: toml::Value = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+            merge(&mut merged, file);
+        }
+        let overrides = env_overrides(env)?;
+        merge(&mut merged, overrides);
+        let config: Config = merged
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for hash in &self.api.token_sha256 {
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError::Invalid(
+                    "api.token_sha256 entries must be 64 hex characters (sha256sum of the token)"
+                        .into(),
+                ));
+            }
+        }
+        let pool = &self.network.pool;
+        for (name, addr) in [
+            ("gateway", pool.gateway),
+            ("first", pool.first),
+            ("last", pool.last),
+        ] {
+            if !pool.cidr.contains(addr) {
+                return Err(ConfigError::Invalid(format!(
+                    "network.pool.{name} {addr} is outside network.pool.cidr {}",
+                    pool.cidr
+                )));
+            }
+        }
+        if crate::network::ip_to_u128(pool.first) > crate::network::ip_to_u128(pool.last) {
+            return Err(ConfigError::Invalid(
+                "network.pool.first is after network.pool.last".into(),
+            ));
+        }
+        if self.tasks.max_concurrent == 0 {
+            return Err(ConfigError::Invalid(
+                "tasks.max_concurrent must be at least 1".into(),
+            ));
+        }
+        if self.network.bridge.is_empty() || self.network.bridge.len() > 15 {
+            return Err(ConfigError::Invalid(
+                "network.bridge must be an interface name of 1-15 characters".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.api.token_sha256 = shown
+            .api
+            .token_sha256
+            .iter()
+            .map(|h| format!("{}…(masked)", &h[..8.min(h.len())]))
+            .collect();
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+
+    /// The base URL clients use to reach this agent.
+    pub fn public_url(&self) -> String {
+        if self.api.public_url.is_empty() {
+            format!("http://{}", self.api.listen)
+        } else {
+            self.api.public_url.trim_end_matches('/').to_owned()
+        }
+    }
+}
+
+/// Refuses a config file other users can read when it holds secrets (token hashes let an
+/// attacker brute-force weak tokens offline).
+pub fn check_file_permissions(path: &Path, config: &Config) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    if config.api.token_sha256.is_empty() {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o004 != 0 {
+        return Err(ConfigError::WorldReadable {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Builds a TOML table from `HVNODE_A__B=v` variables.
+fn env_overrides(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<toml::Value, ConfigError> {
+    let mut root = toml::value::Table::new();
+    let vars: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+        .collect();
+    for (key, raw) in vars {
+        let path: Vec<String> = key[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Invalid(format!(
+                "environment variable {key} has an empty key segment"
+            )));
+        }
+        let value = parse_env_value(&raw);
+        let mut table = &mut root;
+        for segment in &path[..path.len() - 1] {
+            let entry = table
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::value::Table::new()));
+            table = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "environment variable {key} conflicts with another override"
+                    )))
+                }
+            };
+        }
+        table.insert(path[path.len() - 1].clone(), value);
+    }
+    Ok(toml::Value::Table(root))
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    #[derive(Deserialize)]
+    struct Wrapper {
+        v: toml::Value,
+    }
+    match toml::from_str::<Wrapper>(&format!("v = {raw}")) {
+        Ok(w) => w.v,
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(base), toml::Value::Table(over)) => {
+            for (k, v) in over {
+                match base.get_mut(&k) {
+                    Some(existing @ toml::Value::Table(_)) if v.is_table() => merge(existing, v),
+                    _ => {
+                        base.insert(k, v);
+                    }
+                }
+            }
+        }
+        (base, over) => *base = over,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_complete_and_valid() {
+        let config = Config::load(None, env(&[])).expect("defaults load");
+
+        assert_eq!(config.api.listen.to_string(), "127.0.0.1:8474");
+        assert_eq!(config.api.socket, PathBuf::from("/run/hvnode/hvnode.sock"));
+        assert_eq!(config.libvirt.uri, "qemu:///system");
+        assert_eq!(config.libvirt.accelerator, Accelerator::Kvm);
+        assert_eq!(config.api.max_body_bytes, 1024 * 1024);
+        assert_eq!(config.network.bridge, "br-public");
+        assert!(config.network.netns.is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("HVNODE_API__LISTEN", "0.0.0.0:9000"),
+                ("HVNODE_LIBVIRT__ACCELERATOR", "tcg"),
+                ("HVNODE_TASKS__MAX_CONCURRENT", "3"),
+                ("HVNODE_NETWORK__POOL__GATEWAY", "192.0.2.254"),
+                ("HVNODE_CONFIG", "/ignored/without/double/underscore"),
+            ]),
+        )
+        .expect("overrides load");
+
+        assert_eq!(config.api.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(config.libvirt.accelerator, Accelerator::Tcg);
+        assert_eq!(config.tasks.max_concurrent, 3);
+        assert_eq!(config.network.pool.gateway.to_string(), "192.0.2.254");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::load(None, env(&[("HVNODE_API__LISTNE", "0.0.0.0:1")])).unwrap_err();
+
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn file_values_sit_between_defaults_and_environment() {
+        let dir = tempdir();
+        let path = dir.join("config.toml");
+        std::fs::write(
+            &path,
+            "[api]\nlisten = \"127.0.0.1:7000\"\nsocket = \"/tmp/x.sock\"\n",
+        )
+        .unwrap();
+
+        let config = Config::load(
+            Some(&path),
+            env(&[("HVNODE_API__LISTEN", "127.0.0.1:7001")]),
+        )
+        .unwrap();
+
+        assert_eq!(config.api.listen.to_string(), "127.0.0.1:7001");
+        assert_eq!(config.api.socket, PathBuf::from("/tmp/x.sock"));
+    }
+
+    #[test]
+    fn masked_output_hides_token_hashes() {
+        let hash = "a".repeat(64);
+        let config = Config::load(
+            None,
+            env(&[("HVNODE_API__TOKEN_SHA256", &format!("[\"{hash}\"]"))]),
+        )
+        .unwrap();
+
+        let shown = config.to_masked_toml();
+
+        assert!(!shown.contains(&hash));
+        assert!(shown.contains("aaaaaaaa…(masked)"));
+    }
+
+    #[test]
+    fn malformed_token_hashes_are_rejected() {
+        let err = Config::load(None, env(&[("HVNODE_API__TOKEN_SHA256", "[\"secret\"]")]));
+
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn pool_addresses_must_sit_inside_the_subnet() {
+        let err = Config::load(None, env(&[("HVNODE_NETWORK__POOL__GATEWAY", "10.0.0.1")]))
+            .unwrap_err();
+
+        assert!(err.to_string().contains("gateway"), "{err}");
+    }
+
+    #[test]
+    fn world_readable_config_with_tokens_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempdir();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, format!("[api]\ntoken_sha256 = [\"{}\"]\n", "b".repeat(64)))
+            .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let config = Config::load(Some(&path), env(&[])).unwrap();
+
+        let err = check_file_permissions(&path, &config).unwrap_err();
+
+        assert!(matches!(err, ConfigError::WorldReadable { .. }));
+    }
+
+    fn tempdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hvnode-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

@@ -1,0 +1,324 @@
+//! `Hypervisor` over libvirt (`virt` crate), with a self-healing connection.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use uuid::Uuid;
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::error::{Error as VirtError, ErrorDomain, ErrorNumber};
+use virt::sys;
+
+use super::{DomainSummary, Hypervisor, HypervisorError, PowerState, Result, Versions, METADATA_NS};
+
+pub struct Libvirt {
+    uri: String,
+    conn: Arc<Mutex<Option<Connect>>>,
+}
+
+impl Libvirt {
+    /// Creates the client; the connection is opened on first use.
+    pub fn new(uri: &str) -> Libvirt {
+        // libvirt's default error handler prints every error to stderr; we report them ourselves.
+        virt::error::clear_error_callback();
+        Libvirt {
+            uri: uri.to_owned(),
+            conn: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Runs `f` with a live connection on the blocking pool. A connection-level failure drops
+    /// the cached connection and retries once on a fresh one, so a libvirtd restart costs one
+    /// failed call at most.
+    async fn with_conn<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Connect) -> std::result::Result<T, VirtError> + Send + 'static,
+    {
+        let uri = self.uri.clone();
+        let slot = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut last = None;
+            for _attempt in 0..2 {
+                let conn = checkout(&slot, &uri)?;
+                match f(&conn) {
+                    Ok(v) => return Ok(v),
+                    Err(e) if is_connection_error(&e) => {
+                        drop_connection(&slot);
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(classify(op, e)),
+                }
+            }
+            Err(HypervisorError::Unavailable {
+                uri,
+                message: last.map(|e| e.to_string()).unwrap_or_default(),
+            })
+        })
+        .await
+        .map_err(|e| HypervisorError::Failed {
+            op,
+            message: format!("worker panicked: {e}"),
+        })?
+    }
+
+    /// Like `with_conn` for one domain, mapping "no such domain" to `NoDomain`.
+    async fn with_domain<T, F>(&self, op: &'static str, id: Uuid, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Domain) -> std::result::Result<T, VirtError> + Send + 'static,
+    {
+        self.with_conn(op, move |c| {
+            let dom = c.lookup_domain_by_uuid_string(&id.to_string())?;
+            f(&dom)
+        })
+        .await
+        .map_err(|e| match e {
+            HypervisorError::Failed { message, .. } if message.starts_with(NO_DOMAIN_MARK) => {
+                HypervisorError::NoDomain(id)
+            }
+            other => other,
+        })
+    }
+}
+
+const NO_DOMAIN_MARK: &str = "[no-domain] ";
+
+fn checkout(slot: &Mutex<Option<Connect>>, uri: &str) -> Result<Connect> {
+    let mut guard = slot.lock().map_err(|_| HypervisorError::Unavailable {
+        uri: uri.to_owned(),
+        message: "connection mutex poisoned".into(),
+    })?;
+    if let Some(conn) = guard.as_ref() {
+        return Ok(conn.clone());
+    }
+    let conn = Connect::open(Some(uri)).map_err(|e| HypervisorError::Unavailable {
+        uri: uri.to_owned(),
+        message: e.message().to_owned(),
+    })?;
+    *guard = Some(conn.clone());
+    Ok(conn)
+}
+
+fn drop_connection(slot: &Mutex<Option<Connect>>) {
+    if let Ok(mut guard) = slot.lock() {
+        // Dropping the last handle closes the connection.
+        guard.take();
+    }
+}
+
+fn is_connection_error(e: &VirtError) -> bool {
+    e.code().is_any(vec![
+        ErrorNumber::NoConnect,
+        ErrorNumber::SystemError,
+        ErrorNumber::Rpc,
+        ErrorNumber::InvalidConn,
+    ]) || e.domain().is_any(vec![ErrorDomain::Rpc, ErrorDomain::Remote])
+        && !e.code().is(ErrorNumber::NoDomain)
+        || e.message().contains("client socket is closed")
+}
+
+fn classify(op: &'static str, e: VirtError) -> HypervisorError {
+    if e.code().is(ErrorNumber::NoDomain) {
+        return HypervisorError::Failed {
+            op,
+            message: format!("{NO_DOMAIN_MARK}{}", e.message()),
+        };
+    }
+    HypervisorError::Failed {
+        op,
+        message: e.message().to_owned(),
+    }
+}
+
+fn power_state(state: virt::domain::DomainStateEnum) -> PowerState {
+    match state {
+        virt::enumutil::Enum::Known(s) => match s {
+            DomainState::Running | DomainState::Blocked => PowerState::Running,
+            DomainState::Paused => PowerState::Paused,
+            DomainState::Shutdown => PowerState::ShuttingDown,
+            DomainState::Shutoff => PowerState::Shutoff,
+            DomainState::Crashed => PowerState::Crashed,
+            DomainState::PMSuspended => PowerState::PmSuspended,
+            DomainState::NoState => PowerState::Unknown,
+        },
+        virt::enumutil::Enum::Unknown(_) => PowerState::Unknown,
+    }
+}
+
+/// "9.0.0" from libvirt's packed `major * 1_000_000 + minor * 1000 + release`.
+fn unpack_version(v: u32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)
+}
+
+/// Ignores "already in that state" refusals so that lifecycle calls are idempotent.
+fn ok_if_already(e: VirtError, already: &str) -> std::result::Result<(), VirtError> {
+    if e.code().is(ErrorNumber::OperationInvalid) && e.message().contains(already) {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Libvirt {
+    fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    async fn connected(&self) -> bool {
+        self.with_conn("ping", |c| c.lib_version()).await.is_ok()
+    }
+
+    async fn versions(&self) -> Result<Versions> {
+        self.with_conn("version", |c| {
+            Ok(Versions {
+                libvirt: unpack_version(c.lib_version()?),
+                qemu: unpack_version(c.hyp_version()?),
+            })
+        })
+        .await
+    }
+
+    async fn define(&self, xml: String) -> Result<()> {
+        self.with_conn("define", move |c| {
+            c.define_domain_xml_flags(&xml, sys::VIR_DOMAIN_DEFINE_VALIDATE).map(|_| ())
+        })
+        .await
+    }
+
+    async fn power_state(&self, id: Uuid) -> Result<Option<PowerState>> {
+        match self
+            .with_domain("state", id, |d| d.state().map(|(s, _)| power_state(s)))
+            .await
+        {
+            Ok(s) => Ok(Some(s)),
+            Err(HypervisorError::NoDomain(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn start(&self, id: Uuid) -> Result<()> {
+        self.with_domain("start", id, |d| {
+            d.create()
+                .map(|_| ())
+                .or_else(|e| ok_if_already(e, "already running"))
+        })
+        .await
+    }
+
+    async fn shutdown(&self, id: Uuid) -> Result<()> {
+        self.with_domain("shutdown", id, |d| {
+            d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                .or_else(|e| ok_if_already(e, "not running"))
+        })
+        .await
+    }
+
+    async fn destroy(&self, id: Uuid) -> Result<()> {
+        self.with_domain("destroy", id, |d| {
+            d.destroy().or_else(|e| ok_if_already(e, "not running"))
+        })
+        .await
+    }
+
+    async fn reset(&self, id: Uuid) -> Result<()> {
+        self.with_domain("reset", id, |d| d.reset()).await
+    }
+
+    async fn suspend(&self, id: Uuid) -> Result<()> {
+        self.with_domain("suspend", id, |d| d.suspend()).await
+    }
+
+    async fn resume(&self, id: Uuid) -> Result<()> {
+        self.with_domain("resume", id, |d| d.resume()).await
+    }
+
+    async fn undefine(&self, id: Uuid) -> Result<()> {
+        let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_NVRAM
+            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA;
+        match self
+            .with_domain("undefine", id, move |d| d.undefine_flags(flags))
+            .await
+        {
+            Err(HypervisorError::NoDomain(_)) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn agent_command(
+        &self,
+        id: Uuid,
+        command: serde_json::Value,
+        timeout_s: i32,
+    ) -> Result<serde_json::Value> {
+        let text = command.to_string();
+        let reply = self
+            .with_domain("guest agent command", id, move |d| {
+                d.qemu_agent_command(&text, timeout_s, 0)
+            })
+            .await
+            .map_err(|e| match e {
+                HypervisorError::Failed { message, .. } => {
+                    HypervisorError::AgentUnavailable { id, message }
+                }
+                other => other,
+            })?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&reply).map_err(|e| HypervisorError::AgentUnavailable {
+                id,
+                message: format!("unparseable reply: {e}"),
+            })?;
+        Ok(parsed
+            .get("return")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null))
+    }
+
+    async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
+        self.with_conn("list domains", |c| {
+            let mut out = Vec::new();
+            for d in c.list_all_domains(0)? {
+                let Ok(uuid) = d.uuid_string() else { continue };
+                let Ok(id) = uuid.parse::<Uuid>() else {
+                    continue;
+                };
+                let managed = d
+                    .metadata(
+                        sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                        Some(METADATA_NS),
+                        0,
+                    )
+                    .is_ok();
+                out.push(DomainSummary {
+                    id,
+                    name: d.name().unwrap_or_default(),
+                    state: d
+                        .state()
+                        .map(|(s, _)| power_state(s))
+                        .unwrap_or(PowerState::Unknown),
+                    managed,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn domain_xml(&self, id: Uuid) -> Result<String> {
+        self.with_domain("dumpxml", id, |d| d.xml_desc(0)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_versions_unpack() {
+        assert_eq!(unpack_version(9_000_000), "9.0.0");
+        assert_eq!(unpack_version(7_002_022), "7.2.22");
+    }
+}

@@ -1,0 +1,207 @@
+//! hvnode's binary: parse the command line, load the configuration, start logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hvnode::config::Config;
+use hvnode::ctl;
+
+const DEFAULT_CONFIG: &str = "/etc/hvnode/config.toml";
+
+#[derive(Parser)]
+#[command(name = "hvnode", version, about = "The hypervisor agent of a VPS platform")]
+struct Cli {
+    /// Config file (TOML). Default: /etc/hvnode/config.toml when it exists.
+    #[arg(long, global = true, env = "HVNODE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Serve,
+    /// Print the effective configuration (defaults, file, environment), secrets masked.
+    Config,
+    /// Print the SHA-256 to put in api.token_sha256 for a token read from stdin.
+    HashToken,
+    /// Talk to the running agent over its Unix socket.
+    Ctl {
+        /// Socket path; default: api.socket from the configuration.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the API's JSON instead of tables.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// List VMs.
+    Vms {
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Show one VM.
+    Vm { id: String },
+    /// Start a VM.
+    Start { id: String },
+    /// Stop a VM (ACPI, then power-off after the timeout).
+    Stop {
+        id: String,
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Restart a VM.
+    Restart { id: String },
+    /// Show the deployment progress of a VM.
+    Deployment { id: String },
+    /// Show the node.
+    Node,
+    /// Show the agent's health.
+    Health,
+    /// List recent tasks.
+    Tasks {
+        #[arg(long)]
+        vps: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = cli
+        .config
+        .clone()
+        .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()));
+    let config = match Config::load(path.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hvnode: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hvnode: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve => {
+            hvnode::daemon::init_tracing(&config.log.level, &config.log.format);
+            if let Some(p) = &path {
+                if let Err(e) = hvnode::config::check_file_permissions(p, &config) {
+                    tracing::error!("{e}");
+                    return ExitCode::from(2);
+                }
+            }
+            match runtime.block_on(hvnode::daemon::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Config => {
+            print!("{}", config.to_masked_toml());
+            ExitCode::SUCCESS
+        }
+        Command::HashToken => {
+            let mut token = String::new();
+            if std::io::stdin().read_line(&mut token).is_err() || token.trim().is_empty() {
+                eprintln!("hvnode: give the token on stdin");
+                return ExitCode::from(2);
+            }
+            println!("{}", hvnode::api::auth::hash_token(token.trim()));
+            ExitCode::SUCCESS
+        }
+        Command::Ctl {
+            socket,
+            json,
+            command,
+        } => {
+            let socket = socket.unwrap_or_else(|| config.api.socket.clone());
+            runtime.block_on(run_ctl(&socket, json, command))
+        }
+    }
+}
+
+async fn run_ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
+    let client = ctl::Client::new(socket);
+    let (method, path, render): (&str, String, fn(&serde_json::Value) -> String) = match &command
+    {
+        CtlCommand::Vms { status } => (
+            "GET",
+            match status {
+                Some(s) => format!("/v1/vms?limit=100&status={}", urlencode(s)),
+                None => "/v1/vms?limit=100".into(),
+            },
+            ctl::render_vms,
+        ),
+        CtlCommand::Vm { id } => ("GET", format!("/v1/vms/{}", urlencode(id)), ctl::render_fields),
+        CtlCommand::Start { id } => (
+            "POST",
+            format!("/v1/vms/{}/start", urlencode(id)),
+            ctl::render_fields,
+        ),
+        CtlCommand::Stop { id, force, timeout } => (
+            "POST",
+            format!("/v1/vms/{}/stop?force={force}&timeout_s={timeout}", urlencode(id)),
+            ctl::render_fields,
+        ),
+        CtlCommand::Restart { id } => (
+            "POST",
+            format!("/v1/vms/{}/restart", urlencode(id)),
+            ctl::render_fields,
+        ),
+        CtlCommand::Deployment { id } => (
+            "GET",
+            format!("/v1/vms/{}/deployment", urlencode(id)),
+            ctl::render_fields,
+        ),
+        CtlCommand::Node => ("GET", "/v1/node".into(), ctl::render_fields),
+        CtlCommand::Health => ("GET", "/v1/health".into(), ctl::render_fields),
+        CtlCommand::Tasks { vps } => (
+            "GET",
+            match vps {
+                Some(v) => format!("/v1/tasks?vps_id={}", urlencode(v)),
+                None => "/v1/tasks".into(),
+            },
+            ctl::render_fields,
+        ),
+    };
+    match client.call(method, &path, None).await {
+        Ok(data) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
+            } else {
+                print!("{}", render(&data));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hvnode ctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

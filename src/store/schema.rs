@@ -1,0 +1,85 @@
+//! Schema migrations, applied in order; `PRAGMA user_version` holds how many have run.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: VM records, tasks with their step journal, IP allocations, template checks.
+    "CREATE TABLE vms (
+        id TEXT PRIMARY KEY,
+        hostname TEXT NOT NULL,
+        template_id TEXT NOT NULL,
+        cpu_cores INTEGER NOT NULL,
+        ram_mb INTEGER NOT NULL,
+        disk_gb INTEGER NOT NULL,
+        bandwidth_mbps INTEGER,
+        password_hash TEXT NOT NULL,
+        ssh_keys TEXT NOT NULL,
+        ip_address TEXT,
+        mac TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL,
+        webhook_url TEXT,
+        webhook_secret TEXT,
+        instance_id TEXT NOT NULL,
+        request_digest TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        deployed_at TEXT
+    );
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        vps_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        input TEXT NOT NULL DEFAULT '{}',
+        error TEXT,
+        error_code TEXT,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT
+    );
+    CREATE INDEX tasks_by_vps ON tasks(vps_id, created_at);
+    CREATE INDEX tasks_by_state ON tasks(state);
+    CREATE TABLE task_steps (
+        task_id TEXT NOT NULL REFERENCES tasks(id) ON DELETE CASCADE,
+        ord INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        error TEXT,
+        PRIMARY KEY (task_id, ord)
+    );
+    CREATE TABLE ip_allocations (
+        address TEXT PRIMARY KEY,
+        vps_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX ip_allocations_by_vps ON ip_allocations(vps_id);
+    CREATE TABLE template_checks (
+        template_id TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        verified_at TEXT NOT NULL
+    );",
+];
+
+pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let applied: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    if applied > MIGRATIONS.len() {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "database schema version {applied} is newer than this agent knows ({}); \
+             refusing to run an older agent against it",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,527 @@
+//! Creating a VM: admission, then the ten-step create task.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::model::{
+    domain_name, CreateAccepted, CreateVmRequest, VmSpec, VmStatus, CREATE_STEPS,
+    PRIMARY_ADAPTER,
+};
+use super::{domain_xml, validate, Ctx, Op, VmError, VmManager};
+use crate::cloudinit::{self, NicConfig, SeedInput};
+use crate::hypervisor::{HypervisorError, PowerState};
+use crate::network::{self, ipam::IpamError};
+use crate::store::{self, NewTask, VmRow, VmRowState};
+use crate::tasks::{BoxFuture, Operation};
+
+/// Time a create takes under normal conditions, for the client's progress display.
+const ESTIMATED_SECONDS_KVM: u64 = 60;
+const ESTIMATED_SECONDS_TCG: u64 = 180;
+
+impl VmManager {
+    /// Admits a create and starts its task; answers before the VM exists.
+    pub async fn create(&self, req: CreateVmRequest) -> Result<CreateAccepted, VmError> {
+        let ctx = &self.ctx;
+        let spec = validate::create(req, &ctx.config.capacity)?;
+        let template = ctx.images.get(&spec.template_id).await.map_err(|_| {
+            validate::ValidationError::InvalidTemplate(spec.template_id.clone())
+        })?;
+        if spec.disk_gb << 30 < template.virtual_size {
+            return Err(validate::ValidationError::InvalidResources(format!(
+                "disk_gb {} is smaller than template {} ({} GB)",
+                spec.disk_gb,
+                template.id,
+                template.virtual_size.div_ceil(1 << 30)
+            ))
+            .into());
+        }
+        if let Some(existing) = self.repeated_create(&spec).await? {
+            return Ok(existing);
+        }
+        let claim = match ctx.claim(spec.id) {
+            Ok(c) => c,
+            // Two identical creates racing: the loser answers with the winner's task.
+            Err(busy) => return self.repeated_create(&spec).await?.ok_or(busy),
+        };
+        let password_hash = {
+            let pw = spec.root_password.clone();
+            tokio::task::spawn_blocking(move || cloudinit::hash_password(&pw))
+                .await
+                .map_err(|e| VmError::Internal(e.to_string()))?
+                .map_err(|e| VmError::cloud_init(Op::Deploy, e))?
+        };
+        let vm = admit(ctx, &spec, claim.task(), password_hash).await?;
+        let accepted = accepted(ctx, &vm, claim.task(), VmStatus::Deploying);
+        tracing::info!(vps = %vm.id, task = %claim.task(), hostname = %vm.hostname,
+            ip = ?vm.ip_address, "create admitted");
+        let op = CreateOp {
+            ctx: self.ctx.clone(),
+            id: vm.id,
+        };
+        let engine_ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let _ = engine_ctx.engine.run(claim, "create", op).await;
+        });
+        Ok(accepted)
+    }
+
+    /// The answer to a create that repeats an earlier one, `VPS_EXISTS` for a create that
+    /// reuses an id with another body, `None` for a new id.
+    async fn repeated_create(&self, spec: &VmSpec) -> Result<Option<CreateAccepted>, VmError> {
+        let ctx = &self.ctx;
+        let id = spec.id;
+        let Some(existing) = ctx.store.call(move |c| store::vms::get(c, id)).await? else {
+            return Ok(None);
+        };
+        let requested_ip = spec.ip_address.or(existing.ip_address);
+        let same = existing.request_digest == spec.digest(requested_ip)
+            && cloudinit::password_matches(&spec.root_password, &existing.password_hash);
+        if !same {
+            return Err(VmError::Exists(id));
+        }
+        let task = ctx
+            .store
+            .call(move |c| store::tasks::latest_of_kind(c, id, "create"))
+            .await?
+            .ok_or(VmError::Exists(id))?;
+        let status = match existing.state {
+            VmRowState::Deploying => VmStatus::Deploying,
+            VmRowState::Failed => VmStatus::Failed,
+            VmRowState::Active => self.status_of(&existing).await,
+        };
+        Ok(Some(accepted(ctx, &existing, task.id, status)))
+    }
+}
+
+fn accepted(ctx: &Ctx, vm: &VmRow, task: Uuid, status: VmStatus) -> CreateAccepted {
+    CreateAccepted {
+        vps_id: vm.id,
+        task_id: task,
+        name: vm.hostname.clone(),
+        status,
+        ip_address: vm.ip_address,
+        deployment_url: format!("{}/v1/vms/{}/deployment", ctx.config.public_url(), vm.id),
+        estimated_time_seconds: match ctx.config.libvirt.accelerator {
+            crate::config::Accelerator::Kvm => ESTIMATED_SECONDS_KVM,
+            crate::config::Accelerator::Tcg => ESTIMATED_SECONDS_TCG,
+        },
+        webhook_configured: vm.webhook_url.is_some(),
+    }
+}
+
+/// In one transaction: checks capacity, takes the IP, records the VM and its create task.
+/// Either all of it is stored or none.
+async fn admit(
+    ctx: &Ctx,
+    spec: &VmSpec,
+    task_id: Uuid,
+    password_hash: String,
+) -> Result<VmRow, VmError> {
+    let pool = ctx.pool.clone();
+    let host = ctx.host;
+    let capacity = ctx.config.capacity.clone();
+    let spec = spec.clone();
+    let now = crate::time::now();
+    ctx.store
+        .call(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if store::vms::get(&tx, spec.id)?.is_some() {
+                return Ok(Err(VmError::Exists(spec.id)));
+            }
+            let alloc = store::vms::allocation(&tx)?;
+            if let Err(why) = host.admits(&capacity, &alloc, spec.cpu_cores, spec.ram_mb, spec.disk_gb)
+            {
+                return Ok(Err(VmError::InsufficientCapacity(why)));
+            }
+            let taken: HashSet<IpAddr> = store::vms::ip_allocations(&tx)?
+                .into_iter()
+                .map(|a| a.address)
+                .collect();
+            let ip = match pool.choose(spec.ip_address, &taken) {
+                Ok(ip) => ip,
+                Err(e) => return Ok(Err(VmError::Ip(e))),
+            };
+            let mut mac = network::random_mac();
+            while store::vms::mac_in_use(&tx, &mac)? {
+                mac = network::random_mac();
+            }
+            let vm = VmRow {
+                id: spec.id,
+                hostname: spec.hostname.clone(),
+                template_id: spec.template_id.clone(),
+                cpu_cores: spec.cpu_cores,
+                ram_mb: spec.ram_mb,
+                disk_gb: spec.disk_gb,
+                bandwidth_mbps: spec.bandwidth_mbps,
+                password_hash,
+                ssh_keys: spec.ssh_keys.clone(),
+                ip_address: Some(ip),
+                mac,
+                state: VmRowState::Deploying,
+                webhook_url: spec.webhook_url.clone(),
+                webhook_secret: spec.webhook_secret.as_ref().map(|s| s.expose().to_owned()),
+                instance_id: format!("{}-{}", spec.id, Uuid::new_v4().simple()),
+                request_digest: spec.digest(Some(ip)),
+                created_at: now.clone(),
+                updated_at: now.clone(),
+                deployed_at: None,
+            };
+            store::vms::insert(&tx, &vm)?;
+            store::vms::insert_ip(&tx, ip, vm.id, "primary", &now)?;
+            store::tasks::insert(
+                &tx,
+                &NewTask {
+                    id: task_id,
+                    kind: "create",
+                    vps_id: vm.id,
+                    input: serde_json::json!({}),
+                    steps: CREATE_STEPS,
+                    now: &now,
+                },
+            )?;
+            tx.commit()?;
+            Ok(Ok(vm))
+        })
+        .await?
+}
+
+/// The create task. Every step reads the VM record afresh, so the task can be rebuilt
+/// from the store alone after a restart.
+pub(crate) struct CreateOp {
+    pub ctx: Arc<Ctx>,
+    pub id: Uuid,
+}
+
+impl CreateOp {
+    fn fail(&self, message: impl Into<String>) -> VmError {
+        VmError::Failed {
+            op: Op::Deploy,
+            message: message.into(),
+        }
+    }
+
+    fn hv(&self, e: HypervisorError) -> VmError {
+        VmError::hypervisor(Op::Deploy, e)
+    }
+
+    async fn validate_resources(&self, vm: &VmRow) -> Result<(), VmError> {
+        let template = self
+            .ctx
+            .images
+            .get(&vm.template_id)
+            .await
+            .map_err(|e| self.fail(e.to_string()))?;
+        self.ctx
+            .images
+            .verify(&template)
+            .await
+            .map_err(|e| self.fail(e.to_string()))?;
+        if !self.ctx.hv.connected().await {
+            return Err(VmError::HypervisorUnavailable(format!(
+                "cannot reach libvirt at {}",
+                self.ctx.hv.uri()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn allocate_ip(&self, vm: &VmRow) -> Result<(), VmError> {
+        // Taken at admission, inside the transaction that recorded the VM; this step
+        // confirms the address is still this VM's.
+        let Some(ip) = vm.ip_address else {
+            return Err(self.fail("the VPS has no primary address"));
+        };
+        let owner = self
+            .ctx
+            .store
+            .call(move |c| store::vms::ip_owner(c, ip))
+            .await?;
+        match owner {
+            Some(o) if o == vm.id => Ok(()),
+            Some(_) => Err(VmError::Ip(IpamError::InUse(ip))),
+            None => {
+                let (id, now) = (vm.id, crate::time::now());
+                self.ctx
+                    .store
+                    .call(move |c| store::vms::insert_ip(c, ip, id, "primary", &now))
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn create_vm(&self, vm: &VmRow) -> Result<(), VmError> {
+        let template = self
+            .ctx
+            .images
+            .get(&vm.template_id)
+            .await
+            .map_err(|e| self.fail(e.to_string()))?;
+        self.ctx
+            .disks
+            .create_disk(vm.id, &template, vm.disk_gb)
+            .await
+            .map_err(|e| VmError::storage(Op::Deploy, e))
+    }
+
+    async fn configure_hardware(&self, vm: &VmRow) -> Result<(), VmError> {
+        let xml = domain_xml_for(&self.ctx, vm);
+        self.ctx.hv.define(xml).await.map_err(|e| self.hv(e))
+    }
+
+    async fn apply_cloud_init(&self, vm: &VmRow) -> Result<(), VmError> {
+        write_seed(&self.ctx, vm).await
+    }
+
+    async fn start_vm(&self, vm: &VmRow) -> Result<(), VmError> {
+        self.ctx.hv.start(vm.id).await.map_err(|e| self.hv(e))?;
+        match self.ctx.hv.power_state(vm.id).await.map_err(|e| self.hv(e))? {
+            Some(PowerState::Running) => Ok(()),
+            other => Err(self.fail(format!("domain is {other:?} after start"))),
+        }
+    }
+
+    async fn configure_network(&self, vm: &VmRow) -> Result<(), VmError> {
+        // The tap exists once QEMU runs; make sure libvirt put it where it belongs.
+        let xml = self.ctx.hv.domain_xml(vm.id).await.map_err(|e| self.hv(e))?;
+        let tap = network::tap_name(vm.id, 0);
+        if !xml.contains(&format!("<target dev='{tap}'/>")) {
+            return Err(self.fail(format!("tap {tap} is missing from the running domain")));
+        }
+        Ok(())
+    }
+
+    async fn wait_for_guest_agent(&self, vm: &VmRow) -> Result<(), VmError> {
+        let timeout = Duration::from_secs(self.ctx.config.tasks.guest_agent_timeout_s);
+        let started = Instant::now();
+        loop {
+            let ping = self
+                .ctx
+                .hv
+                .agent_command(vm.id, serde_json::json!({"execute": "guest-ping"}), 5)
+                .await;
+            match ping {
+                Ok(_) => return Ok(()),
+                Err(HypervisorError::Unavailable { .. }) | Err(HypervisorError::NoDomain(_))
+                    if started.elapsed() > timeout =>
+                {
+                    return Err(self.fail("libvirt lost the domain while waiting for it"))
+                }
+                Err(e) if started.elapsed() > timeout => {
+                    return Err(self.fail(format!(
+                        "guest agent did not answer within {} s: {e}",
+                        timeout.as_secs()
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+            }
+        }
+    }
+
+    async fn verify_connectivity(&self, vm: &VmRow) -> Result<(), VmError> {
+        if !self.ctx.config.tasks.verify_connectivity {
+            return Ok(());
+        }
+        let Some(ip) = vm.ip_address else {
+            return Err(self.fail("the VPS has no primary address"));
+        };
+        let timeout = Duration::from_secs(self.ctx.config.tasks.connectivity_timeout_s);
+        let started = Instant::now();
+        let target = std::net::SocketAddr::new(ip, 22);
+        loop {
+            let attempt = network::netns::tcp_connect(
+                &self.ctx.config.network.netns,
+                target,
+                Duration::from_secs(3),
+            )
+            .await;
+            match attempt {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() > timeout => {
+                    return Err(self.fail(format!(
+                        "{target} did not accept a TCP connection within {} s: {e}",
+                        timeout.as_secs()
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+            }
+        }
+    }
+
+    async fn finalize(&self, vm: &VmRow) -> Result<(), VmError> {
+        let (id, now) = (vm.id, crate::time::now());
+        self.ctx
+            .store
+            .call(move |c| store::vms::set_state(c, id, VmRowState::Active, &now))
+            .await?;
+        tracing::info!(vps = %vm.id, "deployment completed");
+        Ok(())
+    }
+}
+
+/// The domain XML of `vm` as configured now.
+pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow) -> String {
+    let lv = &ctx.config.libvirt;
+    let dir = ctx.disks.dir(vm.id);
+    let (disk, seed, nvram) = (
+        ctx.disks.disk_path(vm.id),
+        ctx.disks.seed_path(vm.id),
+        dir.join("nvram.fd"),
+    );
+    let tap = network::tap_name(vm.id, 0);
+    let nics = [domain_xml::Nic {
+        mac: &vm.mac,
+        bridge: &ctx.config.network.bridge,
+        tap: &tap,
+    }];
+    let cpu_mode = match lv.accelerator {
+        crate::config::Accelerator::Tcg => None,
+        crate::config::Accelerator::Kvm => (!lv.cpu_mode.is_empty()).then_some(lv.cpu_mode.as_str()),
+    };
+    domain_xml::render(&domain_xml::DomainSpec {
+        id: vm.id,
+        name: &domain_name(vm.id),
+        title: &vm.hostname,
+        template_id: &vm.template_id,
+        accelerator: lv.accelerator,
+        machine: &lv.machine,
+        cpu_mode,
+        vcpus: vm.cpu_cores,
+        memory_mib: vm.ram_mb,
+        ovmf_code: &lv.ovmf_code,
+        ovmf_vars: &lv.ovmf_vars,
+        nvram: &nvram,
+        disk: &disk,
+        seed: &seed,
+        nics: &nics,
+    })
+}
+
+/// Renders and writes the VM's cloud-init seed.
+pub(crate) async fn write_seed(ctx: &Ctx, vm: &VmRow) -> Result<(), VmError> {
+    let pool = ctx.pool.config();
+    let addresses = vm
+        .ip_address
+        .map(|ip| vec![format!("{ip}/{}", ctx.pool.prefix())])
+        .unwrap_or_default();
+    let nics = [NicConfig {
+        name: PRIMARY_ADAPTER.into(),
+        mac: vm.mac.clone(),
+        addresses,
+        gateway4: pool.gateway.is_ipv4().then_some(pool.gateway),
+        gateway6: pool.gateway.is_ipv6().then_some(pool.gateway),
+        dns: pool.dns.clone(),
+    }];
+    let docs = cloudinit::render(&SeedInput {
+        instance_id: &vm.instance_id,
+        hostname: &vm.hostname,
+        password_hash: &vm.password_hash,
+        ssh_keys: &vm.ssh_keys,
+        nics: &nics,
+    })
+    .map_err(|e| VmError::cloud_init(Op::Deploy, e))?;
+    ctx.disks
+        .ensure_dir(vm.id)
+        .await
+        .map_err(|e| VmError::storage(Op::Deploy, e))?;
+    let path = ctx.disks.seed_path(vm.id);
+    tokio::task::spawn_blocking(move || cloudinit::seed::write(&path, &docs))
+        .await
+        .map_err(|e| VmError::Internal(e.to_string()))?
+        .map_err(|e| VmError::cloud_init(Op::Deploy, e))
+}
+
+/// Stops the domain if it runs and removes its definition.
+pub(crate) async fn remove_domain(ctx: &Ctx, id: Uuid, op: Op) -> Result<(), VmError> {
+    match ctx.hv.destroy(id).await {
+        Ok(()) | Err(HypervisorError::NoDomain(_)) => {}
+        Err(e) => return Err(VmError::hypervisor(op, e)),
+    }
+    ctx.hv
+        .undefine(id)
+        .await
+        .map_err(|e| VmError::hypervisor(op, e))
+}
+
+impl Operation for CreateOp {
+    type Error = VmError;
+
+    fn steps(&self) -> &'static [&'static str] {
+        CREATE_STEPS
+    }
+
+    fn run_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(async move {
+            let vm = self.ctx.vm(self.id).await?;
+            match step {
+                "validate_resources" => self.validate_resources(&vm).await,
+                "allocate_ip" => self.allocate_ip(&vm).await,
+                "create_vm" => self.create_vm(&vm).await,
+                "configure_hardware" => self.configure_hardware(&vm).await,
+                "apply_cloud_init" => self.apply_cloud_init(&vm).await,
+                "start_vm" => self.start_vm(&vm).await,
+                "configure_network" => self.configure_network(&vm).await,
+                "wait_for_guest_agent" => self.wait_for_guest_agent(&vm).await,
+                "verify_connectivity" => self.verify_connectivity(&vm).await,
+                "finalize" => self.finalize(&vm).await,
+                other => Err(VmError::Internal(format!("unknown create step {other}"))),
+            }
+        })
+    }
+
+    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(async move {
+            let ctx = &self.ctx;
+            let id = self.id;
+            match step {
+                "allocate_ip" => {
+                    ctx.store
+                        .call(move |c| store::vms::release_ips(c, id))
+                        .await?;
+                }
+                "create_vm" => ctx
+                    .disks
+                    .remove_all(id)
+                    .await
+                    .map_err(|e| VmError::storage(Op::Deploy, e))?,
+                "configure_hardware" => remove_domain(ctx, id, Op::Deploy).await?,
+                "apply_cloud_init" => crate::storage::remove_file_if_exists(&ctx.disks.seed_path(id))
+                    .await
+                    .map_err(|e| VmError::storage(Op::Deploy, e))?,
+                "start_vm" => match ctx.hv.destroy(id).await {
+                    Ok(()) | Err(HypervisorError::NoDomain(_)) => {}
+                    Err(e) => return Err(VmError::hypervisor(Op::Deploy, e)),
+                },
+                "finalize" => {
+                    let now = crate::time::now();
+                    ctx.store
+                        .call(move |c| store::vms::set_state(c, id, VmRowState::Deploying, &now))
+                        .await?;
+                }
+                _ => {}
+            }
+            Ok(())
+        })
+    }
+
+    fn finish<'a>(&'a self, outcome: Result<(), &'a VmError>) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Err(e) = outcome {
+                let (id, now) = (self.id, crate::time::now());
+                let marked = self
+                    .ctx
+                    .store
+                    .call(move |c| store::vms::set_state(c, id, VmRowState::Failed, &now))
+                    .await;
+                if let Err(se) = marked {
+                    tracing::error!(vps = %id, error = %se, "cannot mark VPS failed");
+                }
+                tracing::warn!(vps = %id, error = %e, "deployment failed and was unwound");
+            }
+        })
+    }
+}

@@ -1,0 +1,76 @@
+//! Deleting a VM: domain, disks, seed, NVRAM, addresses and record, in that order.
+//!
+//! A delete never rolls back: each step is idempotent, so a delete that failed halfway (or
+//! was interrupted by a restart) is finished by running it again.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::model::Deleted;
+use super::{create::remove_domain, Ctx, Op, VmError, VmManager};
+use crate::store;
+use crate::tasks::{BoxFuture, Operation};
+
+pub(crate) const DELETE_STEPS: &[&str] = &["remove_domain", "remove_disks", "release_ips", "remove_record"];
+
+impl VmManager {
+    pub async fn delete(&self, id: Uuid) -> Result<Deleted, VmError> {
+        let ctx = &self.ctx;
+        let vm = ctx.vm(id).await?;
+        let claim = ctx.claim(id)?;
+        ctx.record_task(&claim, "delete", DELETE_STEPS, serde_json::json!({}))
+            .await?;
+        tracing::info!(vps = %id, "delete");
+        let op = DeleteOp {
+            ctx: self.ctx.clone(),
+            id,
+        };
+        ctx.engine.run(claim, "delete", op).await?;
+        Ok(Deleted {
+            deleted: true,
+            vps_id: id,
+            name: vm.hostname,
+        })
+    }
+}
+
+pub(crate) struct DeleteOp {
+    pub ctx: Arc<Ctx>,
+    pub id: Uuid,
+}
+
+impl Operation for DeleteOp {
+    type Error = VmError;
+
+    fn steps(&self) -> &'static [&'static str] {
+        DELETE_STEPS
+    }
+
+    fn rolls_back(&self) -> bool {
+        false
+    }
+
+    fn run_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(async move {
+            let (ctx, id) = (&self.ctx, self.id);
+            match step {
+                "remove_domain" => remove_domain(ctx, id, Op::Delete).await,
+                "remove_disks" => ctx
+                    .disks
+                    .remove_all(id)
+                    .await
+                    .map_err(|e| VmError::storage(Op::Delete, e)),
+                "release_ips" => Ok(ctx
+                    .store
+                    .call(move |c| store::vms::release_ips(c, id))
+                    .await?),
+                "remove_record" => Ok(ctx
+                    .store
+                    .call(move |c| store::vms::delete(c, id))
+                    .await?),
+                other => Err(VmError::Internal(format!("unknown delete step {other}"))),
+            }
+        })
+    }
+}

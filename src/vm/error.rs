@@ -1,0 +1,131 @@
+//! Everything a VM operation can fail with, each with its contract error code.
+
+use uuid::Uuid;
+
+use super::state::Action;
+use super::validate::ValidationError;
+use crate::cloudinit::CloudInitError;
+use crate::errors::ErrorCode;
+use crate::hypervisor::HypervisorError;
+use crate::network::ipam::IpamError;
+use crate::storage::StorageError;
+use crate::store::StoreError;
+
+/// Which operation failed, for the `*_FAILED` codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Deploy,
+    Action(Action),
+    Delete,
+    Status,
+}
+
+impl Op {
+    fn failed_code(self) -> ErrorCode {
+        match self {
+            Op::Deploy => ErrorCode::DeploymentFailed,
+            Op::Action(Action::Start | Action::Resume) => ErrorCode::StartFailed,
+            Op::Action(Action::Stop | Action::Suspend) => ErrorCode::StopFailed,
+            Op::Action(Action::Restart | Action::Reset) => ErrorCode::RestartFailed,
+            Op::Delete => ErrorCode::DeleteFailed,
+            Op::Status => ErrorCode::StatusFailed,
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Op::Deploy => "deploy",
+            Op::Action(a) => a.as_str(),
+            Op::Delete => "delete",
+            Op::Status => "read status of",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("VPS {0} not found")]
+    NotFound(Uuid),
+    #[error("VPS {0} already exists with a different specification")]
+    Exists(Uuid),
+    #[error("task {task} is in progress on VPS {vm}; retry when it has finished")]
+    TaskInProgress { vm: Uuid, task: Uuid },
+    #[error("task {0} not found")]
+    TaskNotFound(Uuid),
+    #[error("{0}")]
+    InvalidState(String),
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("{0}")]
+    InsufficientCapacity(String),
+    #[error(transparent)]
+    Ip(#[from] IpamError),
+    #[error("libvirt is unavailable: {0}")]
+    HypervisorUnavailable(String),
+    /// An operation failed on the host; `message` is safe to show to the client.
+    #[error("failed to {} VPS: {message}", op.verb())]
+    Failed { op: Op, message: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl VmError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            VmError::NotFound(_) => ErrorCode::VpsNotFound,
+            VmError::Exists(_) => ErrorCode::VpsExists,
+            VmError::TaskInProgress { .. } => ErrorCode::TaskInProgress,
+            VmError::TaskNotFound(_) => ErrorCode::TaskNotFound,
+            VmError::InvalidState(_) => ErrorCode::InvalidState,
+            VmError::Invalid(v) => v.code(),
+            VmError::InsufficientCapacity(_) => ErrorCode::InsufficientCapacity,
+            VmError::Ip(IpamError::Exhausted(_)) => ErrorCode::IpPoolExhausted,
+            VmError::Ip(IpamError::InUse(_)) => ErrorCode::IpInUse,
+            VmError::Ip(IpamError::OutsidePool { .. }) => ErrorCode::InvalidResources,
+            VmError::HypervisorUnavailable(_) => ErrorCode::HypervisorUnavailable,
+            VmError::Failed { op, .. } => op.failed_code(),
+            VmError::Internal(_) => ErrorCode::DeploymentFailed,
+        }
+    }
+
+    /// Wraps a hypervisor failure of `op`; an unreachable libvirt stays recognisable.
+    pub fn hypervisor(op: Op, e: HypervisorError) -> VmError {
+        match e {
+            HypervisorError::Unavailable { .. } => VmError::HypervisorUnavailable(e.to_string()),
+            other => VmError::Failed {
+                op,
+                message: other.to_string(),
+            },
+        }
+    }
+
+    pub fn storage(op: Op, e: StorageError) -> VmError {
+        VmError::Failed {
+            op,
+            message: e.to_string(),
+        }
+    }
+
+    pub fn cloud_init(op: Op, e: CloudInitError) -> VmError {
+        VmError::Failed {
+            op,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<StoreError> for VmError {
+    fn from(e: StoreError) -> VmError {
+        VmError::Internal(e.to_string())
+    }
+}
+
+impl crate::tasks::TaskFailure for VmError {
+    fn code(&self) -> &'static str {
+        VmError::code(self).as_str()
+    }
+
+    fn from_engine(err: StoreError) -> Self {
+        err.into()
+    }
+}

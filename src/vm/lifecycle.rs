@@ -1,0 +1,185 @@
+//! Power actions: start, stop, restart, reset, suspend, resume.
+//!
+//! Each is a one-step task: the caller waits for it and gets the VM's status afterwards.
+//! The state machine (`state::decide`) is consulted first, under the VM's claim, so an
+//! action on a VM already where it leads succeeds without a task or a side effect.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::model::{ActionResult, VmStatus};
+use super::state::{self, Action, Decision, Refusal};
+use super::{Ctx, Op, VmError, VmManager};
+use crate::hypervisor::{HypervisorError, PowerState};
+use crate::tasks::{BoxFuture, Operation};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StopOptions {
+    /// Power off at once instead of asking the guest.
+    pub force: bool,
+    /// How long the guest may take to shut down before it is powered off.
+    pub timeout_s: u64,
+}
+
+impl Default for StopOptions {
+    fn default() -> Self {
+        StopOptions {
+            force: false,
+            timeout_s: 60,
+        }
+    }
+}
+
+const MAX_STOP_TIMEOUT_S: u64 = 3600;
+
+impl VmManager {
+    pub async fn action(
+        &self,
+        id: Uuid,
+        action: Action,
+        stop: StopOptions,
+    ) -> Result<ActionResult, VmError> {
+        let ctx = &self.ctx;
+        let vm = ctx.vm(id).await?;
+        let claim = ctx.claim(id)?;
+        let status = self.status_of(&vm).await;
+        match state::decide(action, status) {
+            Ok(Decision::AlreadyThere) => return Ok(result(&vm, status)),
+            Ok(Decision::Proceed) => {}
+            Err(Refusal::Unknown) => {
+                return Err(VmError::HypervisorUnavailable(
+                    Refusal::Unknown.message(action),
+                ))
+            }
+            Err(r) => return Err(VmError::InvalidState(r.message(action))),
+        }
+        let stop = StopOptions {
+            force: stop.force,
+            timeout_s: stop.timeout_s.min(MAX_STOP_TIMEOUT_S),
+        };
+        let input = serde_json::json!({ "force": stop.force, "timeout_s": stop.timeout_s });
+        ctx.record_task(&claim, action.as_str(), steps(action), input)
+            .await?;
+        tracing::info!(vps = %id, action = action.as_str(), "power action");
+        let op = PowerOp {
+            ctx: self.ctx.clone(),
+            id,
+            action,
+            stop,
+        };
+        ctx.engine.run(claim, action.as_str(), op).await?;
+        let vm = ctx.vm(id).await?;
+        let status = self.status_of(&vm).await;
+        Ok(result(&vm, status))
+    }
+}
+
+fn result(vm: &crate::store::VmRow, status: VmStatus) -> ActionResult {
+    ActionResult {
+        id: vm.id,
+        name: vm.hostname.clone(),
+        status,
+        ip_address: vm.ip_address,
+    }
+}
+
+fn steps(action: Action) -> &'static [&'static str] {
+    match action {
+        Action::Start => &["start_vm"],
+        Action::Stop => &["stop_vm"],
+        Action::Restart => &["stop_vm", "start_vm"],
+        Action::Reset => &["reset_vm"],
+        Action::Suspend => &["suspend_vm"],
+        Action::Resume => &["resume_vm"],
+    }
+}
+
+struct PowerOp {
+    ctx: Arc<Ctx>,
+    id: Uuid,
+    action: Action,
+    stop: StopOptions,
+}
+
+impl PowerOp {
+    fn hv(&self, e: HypervisorError) -> VmError {
+        VmError::hypervisor(Op::Action(self.action), e)
+    }
+
+    async fn power(&self) -> Result<Option<PowerState>, VmError> {
+        self.ctx.hv.power_state(self.id).await.map_err(|e| self.hv(e))
+    }
+
+    /// ACPI shutdown, then power-off when the guest has not finished within the timeout.
+    async fn stop_vm(&self) -> Result<(), VmError> {
+        let hv = &self.ctx.hv;
+        match self.power().await? {
+            Some(PowerState::Shutoff | PowerState::Crashed) | None => return Ok(()),
+            Some(PowerState::Paused) if !self.stop.force => {
+                // A paused guest cannot see the power button.
+                hv.resume(self.id).await.map_err(|e| self.hv(e))?;
+            }
+            _ => {}
+        }
+        if !self.stop.force {
+            hv.shutdown(self.id).await.map_err(|e| self.hv(e))?;
+            let deadline = Instant::now() + Duration::from_secs(self.stop.timeout_s);
+            while Instant::now() < deadline {
+                if matches!(self.power().await?, Some(PowerState::Shutoff) | None) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            tracing::warn!(vps = %self.id, timeout_s = self.stop.timeout_s,
+                "guest ignored ACPI shutdown; powering off");
+        }
+        hv.destroy(self.id).await.map_err(|e| self.hv(e))
+    }
+
+    async fn expect(&self, want: PowerState) -> Result<(), VmError> {
+        match self.power().await? {
+            Some(s) if s == want => Ok(()),
+            other => Err(VmError::Failed {
+                op: Op::Action(self.action),
+                message: format!("domain is {other:?}, expected {want:?}"),
+            }),
+        }
+    }
+}
+
+impl Operation for PowerOp {
+    type Error = VmError;
+
+    fn steps(&self) -> &'static [&'static str] {
+        steps(self.action)
+    }
+
+    fn rolls_back(&self) -> bool {
+        false
+    }
+
+    fn run_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(async move {
+            let hv = &self.ctx.hv;
+            match step {
+                "start_vm" => {
+                    hv.start(self.id).await.map_err(|e| self.hv(e))?;
+                    self.expect(PowerState::Running).await
+                }
+                "stop_vm" => self.stop_vm().await,
+                "reset_vm" => hv.reset(self.id).await.map_err(|e| self.hv(e)),
+                "suspend_vm" => {
+                    hv.suspend(self.id).await.map_err(|e| self.hv(e))?;
+                    self.expect(PowerState::Paused).await
+                }
+                "resume_vm" => {
+                    hv.resume(self.id).await.map_err(|e| self.hv(e))?;
+                    self.expect(PowerState::Running).await
+                }
+                other => Err(VmError::Internal(format!("unknown power step {other}"))),
+            }
+        })
+    }
+}

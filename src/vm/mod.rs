@@ -1,0 +1,148 @@
+//! VMs: the platform's VPSes as persistent libvirt domains, and every operation on them.
+//!
+//! A VM's identity is the UUID the control plane chose; it is also the libvirt domain UUID.
+//! The agent keeps a record of each VM in the store (spec, addresses, lifecycle record
+//! state); whether it runs is always read from libvirt.
+//!
+//! ```text
+//!   POST /v1/vms ──▶ admit (validate, reserve capacity + IP, record VM and task; 202)
+//!                      │
+//!                      ▼  create task: validate_resources → allocate_ip → create_vm →
+//!                         configure_hardware → apply_cloud_init → start_vm →
+//!                         configure_network → wait_for_guest_agent →
+//!                         verify_connectivity → finalize
+//!                      │ any step fails: undo in reverse, record stays as `failed`
+//!                      ▼
+//!   deploying ──▶ active (running / stopped / suspended, from libvirt) ──▶ deleted
+//! ```
+//!
+//! Each operation lives in its own file (`create.rs`, `lifecycle.rs`, `delete.rs`), runs as
+//! a task (`crate::tasks`) that holds the VM's claim, so two actions on one VM never
+//! interleave. `state.rs` decides which action is allowed from which status.
+
+mod create;
+mod delete;
+pub mod domain_xml;
+mod error;
+mod lifecycle;
+pub mod model;
+mod query;
+mod recover;
+pub mod state;
+pub mod validate;
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::hypervisor::Hypervisor;
+use crate::network::ipam::Pool;
+use crate::node::HostFacts;
+use crate::storage::{Disks, ImageStore};
+use crate::store::{self, NewTask, Store};
+use crate::tasks::{Claim, TaskEngine};
+
+pub use error::{Op, VmError};
+pub use lifecycle::StopOptions;
+pub use query::InstanceCounts;
+pub use recover::Reconciliation;
+
+/// Shared by the manager and the operations it spawns.
+pub(crate) struct Ctx {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub hv: Arc<dyn Hypervisor>,
+    pub images: ImageStore,
+    pub disks: Disks,
+    pub pool: Pool,
+    pub engine: TaskEngine,
+    pub host: HostFacts,
+}
+
+/// The entry point for every VM operation.
+#[derive(Clone)]
+pub struct VmManager {
+    ctx: Arc<Ctx>,
+}
+
+impl VmManager {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        hv: Arc<dyn Hypervisor>,
+        engine: TaskEngine,
+        host: HostFacts,
+    ) -> VmManager {
+        let images = ImageStore::new(&config.storage.image_dir, store.clone());
+        let disks = Disks::new(&config.storage);
+        let pool = Pool::new(config.network.pool.clone());
+        VmManager {
+            ctx: Arc::new(Ctx {
+                config,
+                store,
+                hv,
+                images,
+                disks,
+                pool,
+                engine,
+                host,
+            }),
+        }
+    }
+
+    pub fn images(&self) -> &ImageStore {
+        &self.ctx.images
+    }
+
+    pub fn hypervisor(&self) -> &Arc<dyn Hypervisor> {
+        &self.ctx.hv
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.ctx.store
+    }
+}
+
+impl Ctx {
+    /// Claims `vm` for a new task id, or reports the task holding it.
+    fn claim(&self, vm: Uuid) -> Result<Claim, VmError> {
+        self.engine
+            .claim(vm, Uuid::new_v4())
+            .map_err(|busy| VmError::TaskInProgress { vm, task: busy.task })
+    }
+
+    /// Records the task of `claim` with `steps`.
+    async fn record_task(
+        &self,
+        claim: &Claim,
+        kind: &'static str,
+        steps: &'static [&'static str],
+        input: serde_json::Value,
+    ) -> Result<(), VmError> {
+        let (id, vm, now) = (claim.task(), claim.vm(), crate::time::now());
+        self.store
+            .call(move |c| {
+                store::tasks::insert(
+                    c,
+                    &NewTask {
+                        id,
+                        kind,
+                        vps_id: vm,
+                        input,
+                        steps,
+                        now: &now,
+                    },
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn vm(&self, id: Uuid) -> Result<store::VmRow, VmError> {
+        self.store
+            .call(move |c| store::vms::get(c, id))
+            .await?
+            .ok_or(VmError::NotFound(id))
+    }
+}

@@ -1,0 +1,419 @@
+//! What a VM is to the platform: requests in, documents out.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::hypervisor::PowerState;
+use crate::secret::Secret;
+use crate::store::{StepState, TaskRow, TaskState, VmRow, VmRowState};
+
+/// `POST /v1/vms` as sent. Every field is optional here so that a missing one is reported
+/// as `MISSING_FIELDS` by `validate::create` rather than as a parse error; numbers are
+/// signed so that negatives are `INVALID_RESOURCES`, not `INVALID_JSON`.
+#[derive(Debug, Default, Deserialize)]
+pub struct CreateVmRequest {
+    pub id: Option<String>,
+    pub hostname: Option<String>,
+    pub template_id: Option<TemplateId>,
+    pub cpu_cores: Option<i64>,
+    pub ram_mb: Option<i64>,
+    pub disk_gb: Option<i64>,
+    pub root_password: Option<Secret>,
+    pub ssh_keys: Option<Vec<String>>,
+    pub bandwidth_mbps: Option<i64>,
+    pub ip_address: Option<String>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<Secret>,
+}
+
+/// Template ids are strings ("9010") but clients often send numbers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TemplateId {
+    Text(String),
+    Number(u64),
+}
+
+impl TemplateId {
+    pub fn into_string(self) -> String {
+        match self {
+            TemplateId::Text(s) => s,
+            TemplateId::Number(n) => n.to_string(),
+        }
+    }
+}
+
+/// A validated create request.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub id: Uuid,
+    pub hostname: String,
+    pub template_id: String,
+    pub cpu_cores: u32,
+    pub ram_mb: u64,
+    pub disk_gb: u64,
+    pub root_password: Secret,
+    pub ssh_keys: Vec<String>,
+    pub bandwidth_mbps: Option<u32>,
+    pub ip_address: Option<IpAddr>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<Secret>,
+}
+
+impl VmSpec {
+    /// SHA-256 over everything but the root password (checked against its hash instead), to
+    /// tell a repeated create from a conflicting one.
+    pub fn digest(&self, resolved_ip: Option<IpAddr>) -> String {
+        use sha2::{Digest, Sha256};
+        let canonical = serde_json::json!({
+            "hostname": self.hostname,
+            "template_id": self.template_id,
+            "cpu_cores": self.cpu_cores,
+            "ram_mb": self.ram_mb,
+            "disk_gb": self.disk_gb,
+            "ssh_keys": self.ssh_keys,
+            "bandwidth_mbps": self.bandwidth_mbps,
+            "ip_address": resolved_ip,
+            "webhook_url": self.webhook_url,
+            "webhook_secret": self.webhook_secret.as_ref().map(|s| s.expose()),
+        });
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    }
+}
+
+/// A VM's status as the platform names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmStatus {
+    Deploying,
+    Running,
+    Stopped,
+    Suspended,
+    Failed,
+    /// libvirt cannot be asked right now, or knows no such domain.
+    Unknown,
+}
+
+impl VmStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmStatus::Deploying => "deploying",
+            VmStatus::Running => "running",
+            VmStatus::Stopped => "stopped",
+            VmStatus::Suspended => "suspended",
+            VmStatus::Failed => "failed",
+            VmStatus::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<VmStatus> {
+        [
+            VmStatus::Deploying,
+            VmStatus::Running,
+            VmStatus::Stopped,
+            VmStatus::Suspended,
+            VmStatus::Failed,
+            VmStatus::Unknown,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+
+    /// Combines the agent's record with libvirt's power state (`None`: not defined or not
+    /// known).
+    pub fn derive(record: VmRowState, power: Option<PowerState>) -> VmStatus {
+        match record {
+            VmRowState::Deploying => VmStatus::Deploying,
+            VmRowState::Failed => VmStatus::Failed,
+            VmRowState::Active => match power {
+                Some(PowerState::Running | PowerState::ShuttingDown) => VmStatus::Running,
+                Some(PowerState::Paused | PowerState::PmSuspended) => VmStatus::Suspended,
+                Some(PowerState::Shutoff | PowerState::Crashed) => VmStatus::Stopped,
+                Some(PowerState::Unknown) | None => VmStatus::Unknown,
+            },
+        }
+    }
+}
+
+/// Libvirt domain name of a VM: stable, unique, and obviously ours in `virsh list`.
+pub fn domain_name(id: Uuid) -> String {
+    format!("vps-{id}")
+}
+
+/// Name of the VM's public NIC inside the guest.
+pub const PRIMARY_ADAPTER: &str = "eth0";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmSummary {
+    pub id: Uuid,
+    pub name: String,
+    pub status: VmStatus,
+    pub ip_address: Option<IpAddr>,
+    pub is_suspended: bool,
+    pub created_at: String,
+}
+
+impl VmSummary {
+    pub fn new(vm: &VmRow, status: VmStatus) -> VmSummary {
+        VmSummary {
+            id: vm.id,
+            name: vm.hostname.clone(),
+            status,
+            ip_address: vm.ip_address,
+            is_suspended: status == VmStatus::Suspended,
+            created_at: vm.created_at.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Resources {
+    pub cpu_cores: u32,
+    pub ram_mb: u64,
+    pub disk_gb: u64,
+    pub bandwidth_mbps: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IpView {
+    pub address: IpAddr,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub adapter: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VncView {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmDetail {
+    #[serde(flatten)]
+    pub summary: VmSummary,
+    pub updated_at: String,
+    pub resources: Resources,
+    pub template_id: String,
+    pub ips: Vec<IpView>,
+    pub private_networks: Vec<serde_json::Value>,
+    pub vnc: VncView,
+    pub mac: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmList {
+    pub instances: Vec<VmSummary>,
+    pub pagination: Pagination,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Pagination {
+    pub total: usize,
+    pub limit: usize,
+    pub offset: usize,
+    pub has_more: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub status: Option<VmStatus>,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// Answer to a lifecycle action.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionResult {
+    pub id: Uuid,
+    pub name: String,
+    pub status: VmStatus,
+    pub ip_address: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CreateAccepted {
+    pub vps_id: Uuid,
+    pub task_id: Uuid,
+    pub name: String,
+    pub status: VmStatus,
+    pub ip_address: Option<IpAddr>,
+    pub deployment_url: String,
+    pub estimated_time_seconds: u64,
+    pub webhook_configured: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Deleted {
+    pub deleted: bool,
+    pub vps_id: Uuid,
+    pub name: String,
+}
+
+/// The ten steps of a create, in the contract's order.
+pub const CREATE_STEPS: &[&str] = &[
+    "validate_resources",
+    "allocate_ip",
+    "create_vm",
+    "configure_hardware",
+    "apply_cloud_init",
+    "start_vm",
+    "configure_network",
+    "wait_for_guest_agent",
+    "verify_connectivity",
+    "finalize",
+];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeploymentStep {
+    pub name: String,
+    pub status: &'static str,
+    pub order: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AccessInfo {
+    pub ip_address: Option<IpAddr>,
+    pub ssh_port: u16,
+    pub ssh_user: &'static str,
+}
+
+/// The platform's deployment document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Deployment {
+    pub vps_id: Uuid,
+    pub deployment_status: &'static str,
+    pub vps_status: VmStatus,
+    pub current_task: Option<String>,
+    pub progress_percent: u32,
+    pub tasks: Vec<DeploymentStep>,
+    pub tasks_completed: usize,
+    pub tasks_total: usize,
+    pub started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    pub is_ready: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_info: Option<AccessInfo>,
+    pub task_id: Uuid,
+}
+
+impl Deployment {
+    pub fn new(vm: &VmRow, status: VmStatus, task: &TaskRow) -> Deployment {
+        let tasks: Vec<DeploymentStep> = task
+            .steps
+            .iter()
+            .map(|s| DeploymentStep {
+                name: s.name.clone(),
+                status: match s.state {
+                    StepState::Pending => "pending",
+                    StepState::Running => "in_progress",
+                    StepState::Completed => "completed",
+                    StepState::Failed | StepState::RolledBack => "failed",
+                },
+                order: s.order + 1,
+            })
+            .collect();
+        let completed = task
+            .steps
+            .iter()
+            .filter(|s| s.state == StepState::Completed)
+            .count();
+        let deployment_status = match task.state {
+            TaskState::Pending => "pending",
+            TaskState::Running => "in_progress",
+            TaskState::Completed => "completed",
+            TaskState::Failed | TaskState::Cancelled => "failed",
+        };
+        let is_ready = task.state == TaskState::Completed;
+        Deployment {
+            vps_id: vm.id,
+            deployment_status,
+            vps_status: status,
+            current_task: task
+                .steps
+                .iter()
+                .find(|s| s.state == StepState::Running)
+                .map(|s| s.name.clone()),
+            progress_percent: task.progress_percent(),
+            tasks_total: tasks.len(),
+            tasks,
+            tasks_completed: completed,
+            started_at: task.started_at.clone().or(Some(task.created_at.clone())),
+            completed_at: task.finished_at.clone(),
+            is_ready,
+            error: task.error.clone(),
+            access_info: is_ready.then_some(AccessInfo {
+                ip_address: vm.ip_address,
+                ssh_port: 22,
+                ssh_user: "root",
+            }),
+            task_id: task.id,
+        }
+    }
+}
+
+/// A task as `GET /v1/tasks` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskView {
+    pub id: Uuid,
+    pub kind: String,
+    pub vps_id: Uuid,
+    pub state: TaskState,
+    pub steps: Vec<crate::store::StepRow>,
+    pub progress_percent: u32,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+    pub error_code: Option<String>,
+}
+
+impl From<TaskRow> for TaskView {
+    fn from(t: TaskRow) -> TaskView {
+        TaskView {
+            progress_percent: t.progress_percent(),
+            id: t.id,
+            kind: t.kind,
+            vps_id: t.vps_id,
+            state: t.state,
+            steps: t.steps,
+            created_at: t.created_at,
+            started_at: t.started_at,
+            finished_at: t.finished_at,
+            error: t.error,
+            error_code: t.error_code,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_comes_from_the_record_until_deployed_then_from_libvirt() {
+        use PowerState::*;
+        assert_eq!(
+            VmStatus::derive(VmRowState::Deploying, Some(Running)),
+            VmStatus::Deploying
+        );
+        assert_eq!(VmStatus::derive(VmRowState::Failed, None), VmStatus::Failed);
+        assert_eq!(
+            VmStatus::derive(VmRowState::Active, Some(Running)),
+            VmStatus::Running
+        );
+        assert_eq!(
+            VmStatus::derive(VmRowState::Active, Some(Paused)),
+            VmStatus::Suspended
+        );
+        assert_eq!(
+            VmStatus::derive(VmRowState::Active, Some(Shutoff)),
+            VmStatus::Stopped
+        );
+        assert_eq!(VmStatus::derive(VmRowState::Active, None), VmStatus::Unknown);
+    }
+}
