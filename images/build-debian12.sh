@@ -21,6 +21,11 @@
 # empty /etc/machine-id, no SSH host keys, cloud-init limited to NoCloud/None, and
 # qemu-guest-agent started by udev when the virtio-serial port org.qemu.guest_agent.0 appears.
 set -euo pipefail
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
+# The whole script is one brace group, read by bash before it runs: editing or replacing
+# this file while a build is running cannot change what that build does.
+{
 
 # ---------------------------------------------------------------- parameters
 SUITE=bookworm
@@ -120,6 +125,7 @@ unshare --mount --propagation private -- \
 mmdebstrap --mode=root --variant=minbase --format=directory \
     --include="$(IFS=,; echo "${PACKAGES[*]}")" \
     --aptopt='Acquire::Languages "none"' \
+    --dpkgopt='force-unsafe-io' \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/man/*' \
@@ -141,9 +147,9 @@ log "mmdebstrap done after $((SECONDS - START)) s"
     die "kernel package did not create /vmlinuz and /initrd.img symlinks"
 
 cat >"$TREE/etc/fstab" <<EOF
-# <file system>      <mount point> <type> <options>                  <dump> <pass>
-LABEL=${ROOT_LABEL}  /             ext4   defaults,errors=remount-ro 0      1
-LABEL=${ESP_LABEL}          /boot/efi     vfat   umask=0077,nofail          0      2
+# <file system>   <mount point> <type> <options>                  <dump> <pass>
+LABEL=${ROOT_LABEL} /             ext4   defaults,errors=remount-ro 0      1
+LABEL=${ESP_LABEL}         /boot/efi     vfat   umask=0077,nofail          0      2
 EOF
 mkdir -p "$TREE/boot/efi"
 
@@ -168,6 +174,13 @@ cat >"$TREE/etc/cloud/cloud.cfg.d/99_hvnode.cfg" <<'EOF'
 datasource_list: [ NoCloud, None ]
 # The hostname (and fqdn) resolve locally: 127.0.1.1 in /etc/hosts.
 manage_etc_hosts: true
+# root is the account a VPS customer logs in as: keys given for root are not turned into
+# a "Please login as the user debian" message. (The password stays locked until user-data
+# sets one.)
+disable_root: false
+# No GRUB package in the guest (the ESP holds a standalone GRUB): nothing to configure.
+grub_dpkg:
+  enabled: false
 # No DSA host key (sshd in bookworm does not use it).
 ssh_genkeytypes: [ rsa, ecdsa, ed25519 ]
 EOF
@@ -192,6 +205,19 @@ ExecStartPre=/usr/bin/ssh-keygen -A
 ExecStartPre=/usr/sbin/sshd -t
 EOF
 
+# qemu-guest-agent is started by udev (60-qemu-guest-agent.rules) when the virtio-serial
+# port org.qemu.guest_agent.0 appears. With default dependencies it would wait for
+# sysinit.target, i.e. for cloud-init's first two stages (tens of seconds under TCG); let it
+# answer the host as soon as the local filesystems are mounted.
+mkdir -p "$TREE/etc/systemd/system/qemu-guest-agent.service.d"
+cat >"$TREE/etc/systemd/system/qemu-guest-agent.service.d/hvnode-early.conf" <<'EOF'
+[Unit]
+DefaultDependencies=no
+After=local-fs.target systemd-journald.socket
+Conflicts=shutdown.target
+Before=shutdown.target
+EOF
+
 # No LVM in the guest: e2scrub has nothing to do but costs seconds at every boot.
 rm -f "$TREE/etc/systemd/system/multi-user.target.wants/e2scrub_reap.service" \
       "$TREE/etc/systemd/system/timers.target.wants/e2scrub_all.timer"
@@ -209,7 +235,9 @@ grep -q '^root:[!*]' "$TREE/etc/shadow" || die "root is not locked"
 # Leave no build-host traces.
 rm -rf "$TREE"/var/lib/apt/lists/* "$TREE"/var/cache/apt/*.bin "$TREE"/tmp/* "$TREE"/var/tmp/*
 find "$TREE/var/log" -type f -delete
-rm -f "$TREE/etc/resolv.conf.bak"
+# The dpkg path excludes (docs, man pages, translations) and apt options above apply to
+# this build only: packages installed later in the guest are complete.
+rm -f "$TREE/etc/dpkg/dpkg.cfg.d/99mmdebstrap" "$TREE/etc/apt/apt.conf.d/99mmdebstrap"
 
 # ---------------------------------------------------------------- bootloader (ESP)
 log "grub-mkstandalone"
@@ -288,3 +316,5 @@ if ! mv -T -- "$STAGE" "$OUT"; then
 fi
 log "built in $((SECONDS - START)) s: $OUT"
 echo "$OUT"
+exit 0
+}

@@ -506,6 +506,17 @@ mod tests {
     }
 
     #[test]
+    fn the_sample_config_in_systemd_is_valid() {
+        let dir = tempdir();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, include_str!("../systemd/config.toml")).unwrap();
+
+        let config = Config::load(Some(&path), env(&[])).unwrap();
+
+        assert_eq!(config.network.pool.gateway.to_string(), "203.0.113.1");
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let err = Config::load(None, env(&[("HVNODE_API__LISTNE", "0.0.0.0:1")])).unwrap_err();
 
@@ -515,7 +526,7 @@ mod tests {
     #[test]
     fn file_values_sit_between_defaults_and_environment() {
         let dir = tempdir();
-        let path = dir.join("config.toml");
+        let path = dir.path().join("config.toml");
         std::fs::write(
             &path,
             "[api]\nlisten = \"127.0.0.1:7000\"\nsocket = \"/tmp/x.sock\"\n",
@@ -556,8 +567,8 @@ mod tests {
 
     #[test]
     fn pool_addresses_must_sit_inside_the_subnet() {
-        let err = Config::load(None, env(&[("HVNODE_NETWORK__POOL__GATEWAY", "10.0.0.1")]))
-            .unwrap_err();
+        let err =
+            Config::load(None, env(&[("HVNODE_NETWORK__POOL__GATEWAY", "10.0.0.1")])).unwrap_err();
 
         assert!(err.to_string().contains("gateway"), "{err}");
     }
@@ -566,9 +577,12 @@ mod tests {
     fn world_readable_config_with_tokens_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempdir();
-        let path = dir.join("config.toml");
-        std::fs::write(&path, format!("[api]\ntoken_sha256 = [\"{}\"]\n", "b".repeat(64)))
-            .unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            format!("[api]\ntoken_sha256 = [\"{}\"]\n", "b".repeat(64)),
+        )
+        .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let config = Config::load(Some(&path), env(&[])).unwrap();
 
@@ -577,9 +591,7 @@ mod tests {
         assert!(matches!(err, ConfigError::WorldReadable { .. }));
     }
 
-    fn tempdir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("hvnode-config-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 }

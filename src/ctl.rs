@@ -34,7 +34,12 @@ impl<'a> Client<'a> {
     }
 
     /// Sends one request and returns the envelope's `data`.
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, CtlError> {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CtlError> {
         let stream = tokio::net::UnixStream::connect(self.socket)
             .await
             .map_err(|source| CtlError::Connect {
@@ -69,7 +74,10 @@ impl<'a> Client<'a> {
             Ok(envelope["data"].clone())
         } else {
             Err(CtlError::Api {
-                code: envelope["error_code"].as_str().unwrap_or("UNKNOWN").to_owned(),
+                code: envelope["error_code"]
+                    .as_str()
+                    .unwrap_or("UNKNOWN")
+                    .to_owned(),
                 message: envelope["message"].as_str().unwrap_or_default().to_owned(),
             })
         }
@@ -124,7 +132,11 @@ pub fn render_vms(data: &Value) -> String {
         })
         .unwrap_or_default();
     let mut out = table(&["ID", "NAME", "STATUS", "IP", "CREATED"], &rows);
-    out.push_str(&format!("{} of {} shown\n", rows.len(), text(&data["pagination"]["total"])));
+    out.push_str(&format!(
+        "{} of {} shown\n",
+        rows.len(),
+        text(&data["pagination"]["total"])
+    ));
     out
 }
 
@@ -139,7 +151,11 @@ fn flatten(prefix: &str, v: &Value, out: &mut String) {
     match v {
         Value::Object(map) => {
             for (k, val) in map {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&key, val, out);
             }
         }

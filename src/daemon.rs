@@ -196,7 +196,9 @@ pub fn init_tracing(level: &str, format: &str) {
     let result = match (format, under_journal) {
         ("json", _) => builder.json().try_init(),
         ("auto", true) => builder.without_time().with_ansi(false).try_init(),
-        _ => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+        _ => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
     };
     let _ = result;
 }

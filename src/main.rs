@@ -10,7 +10,11 @@ use hvnode::ctl;
 const DEFAULT_CONFIG: &str = "/etc/hvnode/config.toml";
 
 #[derive(Parser)]
-#[command(name = "hvnode", version, about = "The hypervisor agent of a VPS platform")]
+#[command(
+    name = "hvnode",
+    version,
+    about = "The hypervisor agent of a VPS platform"
+)]
 struct Cli {
     /// Config file (TOML). Default: /etc/hvnode/config.toml when it exists.
     #[arg(long, global = true, env = "HVNODE_CONFIG")]
@@ -87,7 +91,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("hvnode: cannot start runtime: {e}");
@@ -137,8 +144,7 @@ fn main() -> ExitCode {
 
 async fn run_ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
     let client = ctl::Client::new(socket);
-    let (method, path, render): (&str, String, fn(&serde_json::Value) -> String) = match &command
-    {
+    let (method, path, render): (&str, String, fn(&serde_json::Value) -> String) = match &command {
         CtlCommand::Vms { status } => (
             "GET",
             match status {
@@ -147,7 +153,11 @@ async fn run_ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> E
             },
             ctl::render_vms,
         ),
-        CtlCommand::Vm { id } => ("GET", format!("/v1/vms/{}", urlencode(id)), ctl::render_fields),
+        CtlCommand::Vm { id } => (
+            "GET",
+            format!("/v1/vms/{}", urlencode(id)),
+            ctl::render_fields,
+        ),
         CtlCommand::Start { id } => (
             "POST",
             format!("/v1/vms/{}/start", urlencode(id)),
@@ -155,7 +165,10 @@ async fn run_ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> E
         ),
         CtlCommand::Stop { id, force, timeout } => (
             "POST",
-            format!("/v1/vms/{}/stop?force={force}&timeout_s={timeout}", urlencode(id)),
+            format!(
+                "/v1/vms/{}/stop?force={force}&timeout_s={timeout}",
+                urlencode(id)
+            ),
             ctl::render_fields,
         ),
         CtlCommand::Restart { id } => (
@@ -182,7 +195,10 @@ async fn run_ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> E
     match client.call(method, &path, None).await {
         Ok(data) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&data).unwrap_or_default()
+                );
             } else {
                 print!("{}", render(&data));
             }

@@ -115,18 +115,24 @@ pub struct NodeMonitor {
 }
 
 impl NodeMonitor {
-    /// Starts the refresher task.
+    /// Starts the refresher task; it ends when the last handle is dropped.
     pub fn start() -> NodeMonitor {
-        let latest = Arc::new(Mutex::new((CpuFigures::default(), MemoryFigures::default())));
-        let shared = latest.clone();
-        tokio::task::spawn_blocking(move || {
+        let latest = Arc::new(Mutex::new((
+            CpuFigures::default(),
+            MemoryFigures::default(),
+        )));
+        let weak = Arc::downgrade(&latest);
+        tokio::spawn(async move {
             let mut sys = System::new_with_specifics(
                 RefreshKind::nothing()
                     .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
                     .with_memory(MemoryRefreshKind::nothing().with_ram()),
             );
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
-                std::thread::sleep(Duration::from_secs(2));
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else { return };
+                // Reads of /proc: microseconds, fine on the runtime.
                 sys.refresh_cpu_usage();
                 sys.refresh_memory();
                 let figures = (
@@ -139,14 +145,9 @@ impl NodeMonitor {
                         available_bytes: sys.available_memory(),
                     },
                 );
-                match shared.lock() {
-                    Ok(mut guard) => *guard = figures,
-                    Err(_) => return,
-                }
-                // Stop when the runtime is shutting down and nobody reads anymore.
-                if Arc::strong_count(&shared) == 1 {
-                    return;
-                }
+                if let Ok(mut guard) = shared.lock() {
+                    *guard = figures;
+                };
             }
         });
         NodeMonitor { latest }

@@ -158,6 +158,9 @@ mod tests {
         let policy = SocketPolicy::default();
 
         assert!(policy.allows(&UnixPeer { uid: 0, gid: 0 }));
-        assert!(!policy.allows(&UnixPeer { uid: 1000, gid: 1000 }));
+        assert!(!policy.allows(&UnixPeer {
+            uid: 1000,
+            gid: 1000
+        }));
     }
 }

@@ -37,10 +37,17 @@ where
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::new(ErrorCode::InvalidJson, "request body is empty; send a JSON object"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidJson,
+            "request body is empty; send a JSON object",
+        ));
     }
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("request body is not valid: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("request body is not valid: {e}"),
+        )
+    })
 }
 
 /// An optional JSON body: empty means `T::default()`.
@@ -78,13 +85,18 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
         let query = parts.uri.query().unwrap_or_default();
         serde_urlencoded::from_str(query)
             .map(QueryMap)
-            .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("invalid query string: {e}")))
+            .map_err(|e| {
+                ApiError::new(ErrorCode::InvalidJson, format!("invalid query string: {e}"))
+            })
     }
 }
 
 impl QueryMap {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str).filter(|v| !v.is_empty())
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 
     /// A non-negative integer parameter.

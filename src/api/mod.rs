@@ -99,7 +99,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/vms/{id}/resume", post(vms::vm_resume))
         .route("/v1/tasks", get(tasks::task_list))
         .route("/v1/tasks/{id}", get(tasks::task_get))
-        .route_layer(middleware::from_fn_with_state(app.clone(), auth::require_auth));
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            auth::require_auth,
+        ));
     let public = Router::new().route("/v1/health", get(node::health));
     let max_body = app.config.api.max_body_bytes;
     Router::new()
@@ -109,7 +112,9 @@ pub fn router(app: Arc<App>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(app.clone(), limit_body))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
         .with_state(app)
 }
 

@@ -45,7 +45,10 @@ pub async fn vm_list(State(app): State<Arc<App>>, query: QueryMap) -> ApiResult 
         .vms
         .list(ListQuery {
             status,
-            limit: query.number("limit")?.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT) as usize,
+            limit: query
+                .number("limit")?
+                .unwrap_or(DEFAULT_LIMIT)
+                .clamp(1, MAX_LIMIT) as usize,
             offset: query.number("offset")?.unwrap_or(0).min(u32::MAX as u64) as usize,
         })
         .await?;

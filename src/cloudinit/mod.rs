@@ -166,6 +166,86 @@ fn ethernets(nics: &[NicConfig]) -> Value {
 mod tests {
     use super::*;
 
+    fn golden(name: &str, actual: &str) {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, actual).unwrap();
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+            panic!(
+                "missing golden file {}; run with UPDATE_GOLDEN=1",
+                path.display()
+            )
+        });
+        assert_eq!(actual, expected, "golden file {name} differs");
+    }
+
+    fn nics() -> Vec<NicConfig> {
+        vec![NicConfig {
+            name: "eth0".into(),
+            mac: "52:54:00:12:34:56".into(),
+            addresses: vec!["203.0.113.10/24".into()],
+            gateway4: Some("203.0.113.1".parse().unwrap()),
+            gateway6: None,
+            dns: vec!["1.1.1.1".parse().unwrap()],
+        }]
+    }
+
+    #[test]
+    fn seed_documents_match_golden_files() {
+        let keys = vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExjcmSUhytrxMZpzkoyJK4FdmaWCEK5+1xneLRoEZHT me@host".to_string()];
+        let nics = nics();
+
+        let docs = render(&SeedInput {
+            instance_id: "0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c-1",
+            hostname: "web1.example.com",
+            password_hash: "$6$saltsalt$hash",
+            ssh_keys: &keys,
+            nics: &nics,
+        })
+        .unwrap();
+
+        golden("seed-meta-data", &docs.meta_data);
+        golden("seed-user-data", &docs.user_data);
+        golden("seed-network-config", &docs.network_config);
+    }
+
+    #[test]
+    fn hostile_input_cannot_add_a_line_to_any_document() {
+        let keys = vec![
+            "ssh-ed25519 AAAA x\nruncmd: [reboot]\n".to_string(),
+            "a\"\n- b".into(),
+        ];
+        let nics = nics();
+        let clean = render(&SeedInput {
+            instance_id: "i",
+            hostname: "h",
+            password_hash: "p",
+            ssh_keys: &[],
+            nics: &nics,
+        })
+        .unwrap();
+
+        let docs = render(&SeedInput {
+            instance_id: "i\nlocal-hostname: evil",
+            hostname: "h\nruncmd: [reboot]",
+            password_hash: "p\"\nchpasswd: {list: \"root:x\"}",
+            ssh_keys: &keys,
+            nics: &nics,
+        })
+        .unwrap();
+
+        for ((_, hostile), (_, plain)) in docs.files().iter().zip(clean.files().iter()) {
+            assert_eq!(hostile.lines().count(), plain.lines().count(), "{hostile}");
+            assert!(
+                !hostile.lines().any(|l| l.starts_with("runcmd")),
+                "{hostile}"
+            );
+        }
+    }
+
     #[test]
     fn password_hashes_are_sha512_crypt_and_verify() {
         let password = Secret::new("correct horse 1");

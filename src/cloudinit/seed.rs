@@ -44,7 +44,11 @@ pub fn write(path: &Path, docs: &SeedDocuments) -> Result<(), CloudInitError> {
     let tmp = path.with_extension("img.partial");
     let io = |op: &'static str| {
         let p = path.to_owned();
-        move |source| CloudInitError::Io { op, path: p, source }
+        move |source| CloudInitError::Io {
+            op,
+            path: p,
+            source,
+        }
     };
     let mut file = std::fs::OpenOptions::new()
         .write(true)

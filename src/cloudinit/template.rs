@@ -32,13 +32,12 @@ pub fn render(
             reason: "unclosed {{".into(),
         })?;
         let name = after[..end].trim();
-        let index = values
-            .iter()
-            .position(|(k, _)| *k == name)
-            .ok_or_else(|| CloudInitError::Template {
+        let index = values.iter().position(|(k, _)| *k == name).ok_or_else(|| {
+            CloudInitError::Template {
                 template: template_name.to_owned(),
                 reason: format!("no value for placeholder {name:?}"),
-            })?;
+            }
+        })?;
         used[index] = true;
         out.push_str(&values[index].1.to_string());
         rest = &after[end + 2..];
@@ -60,8 +59,12 @@ mod tests {
 
     #[test]
     fn values_are_rendered_as_json() {
-        let out = render("t", "a: {{x}}\nb: {{ y }}\n", &[("x", json!("v")), ("y", json!([1, 2]))])
-            .unwrap();
+        let out = render(
+            "t",
+            "a: {{x}}\nb: {{ y }}\n",
+            &[("x", json!("v")), ("y", json!([1, 2]))],
+        )
+        .unwrap();
 
         assert_eq!(out, "a: \"v\"\nb: [1,2]\n");
     }

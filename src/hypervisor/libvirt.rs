@@ -9,7 +9,9 @@ use virt::domain::{Domain, DomainState};
 use virt::error::{Error as VirtError, ErrorDomain, ErrorNumber};
 use virt::sys;
 
-use super::{DomainSummary, Hypervisor, HypervisorError, PowerState, Result, Versions, METADATA_NS};
+use super::{
+    DomainSummary, Hypervisor, HypervisorError, PowerState, Result, Versions, METADATA_NS,
+};
 
 pub struct Libvirt {
     uri: String,
@@ -113,7 +115,9 @@ fn is_connection_error(e: &VirtError) -> bool {
         ErrorNumber::SystemError,
         ErrorNumber::Rpc,
         ErrorNumber::InvalidConn,
-    ]) || e.domain().is_any(vec![ErrorDomain::Rpc, ErrorDomain::Remote])
+    ]) || e
+        .domain()
+        .is_any(vec![ErrorDomain::Rpc, ErrorDomain::Remote])
         && !e.code().is(ErrorNumber::NoDomain)
         || e.message().contains("client socket is closed")
 }
@@ -182,7 +186,8 @@ impl Hypervisor for Libvirt {
 
     async fn define(&self, xml: String) -> Result<()> {
         self.with_conn("define", move |c| {
-            c.define_domain_xml_flags(&xml, sys::VIR_DOMAIN_DEFINE_VALIDATE).map(|_| ())
+            c.define_domain_xml_flags(&xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
+                .map(|_| ())
         })
         .await
     }

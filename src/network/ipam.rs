@@ -122,7 +122,9 @@ mod tests {
 
     #[test]
     fn reserved_addresses_are_never_handed_out() {
-        assert!(pool().choose(Some(ip("10.0.0.11")), &HashSet::new()).is_err());
+        assert!(pool()
+            .choose(Some(ip("10.0.0.11")), &HashSet::new())
+            .is_err());
     }
 
     #[test]
@@ -147,7 +149,11 @@ mod tests {
 
     #[test]
     fn the_gateway_and_foreign_addresses_are_refused() {
-        assert!(pool().choose(Some(ip("10.0.0.1")), &HashSet::new()).is_err());
-        assert!(pool().choose(Some(ip("10.9.0.10")), &HashSet::new()).is_err());
+        assert!(pool()
+            .choose(Some(ip("10.0.0.1")), &HashSet::new())
+            .is_err());
+        assert!(pool()
+            .choose(Some(ip("10.9.0.10")), &HashSet::new())
+            .is_err());
     }
 }

@@ -233,13 +233,12 @@ async fn sha256_file(path: &Path) -> Result<String> {
 mod tests {
     use super::*;
 
-    fn store_with(files: &[(&str, &[u8])]) -> ImageStore {
-        let dir = std::env::temp_dir().join(format!("hvnode-images-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
+    fn store_with(files: &[(&str, &[u8])]) -> (ImageStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
         for (name, content) in files {
-            std::fs::write(dir.join(name), content).unwrap();
+            std::fs::write(dir.path().join(name), content).unwrap();
         }
-        ImageStore::new(&dir, crate::store::test_store())
+        (ImageStore::new(dir.path(), crate::store::test_store()), dir)
     }
 
     fn manifest(id: &str, file: &str, sha: &str) -> String {
@@ -251,7 +250,7 @@ mod tests {
     #[tokio::test]
     async fn a_matching_checksum_verifies() {
         let sha = hex::encode(Sha256::digest(b"image"));
-        let images = store_with(&[
+        let (images, _dir) = store_with(&[
             ("t.img", b"image"),
             ("t.toml", manifest("9010", "t.img", &sha).as_bytes()),
         ]);
@@ -264,9 +263,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_checksum_is_refused() {
-        let images = store_with(&[
+        let (images, _dir) = store_with(&[
             ("t.img", b"image"),
-            ("t.toml", manifest("9010", "t.img", &"0".repeat(64)).as_bytes()),
+            (
+                "t.toml",
+                manifest("9010", "t.img", &"0".repeat(64)).as_bytes(),
+            ),
         ]);
         let t = images.get("9010").await.unwrap();
 
@@ -277,7 +279,7 @@ mod tests {
 
     #[tokio::test]
     async fn manifests_cannot_point_outside_the_store() {
-        let images = store_with(&[(
+        let (images, _dir) = store_with(&[(
             "t.toml",
             manifest("9010", "../../etc/shadow", &"0".repeat(64)).as_bytes(),
         )]);

@@ -121,12 +121,15 @@ impl Store {
 
 fn restrict_permissions(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
+    if path == Path::new(":memory:") {
+        return;
+    }
     // The database holds password hashes and webhook secrets.
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
 }
 
+/// A private in-memory store for unit tests.
 #[cfg(test)]
 pub(crate) fn test_store() -> Store {
-    let dir = std::env::temp_dir().join(format!("hvnode-store-{}", uuid::Uuid::new_v4()));
-    Store::open(&dir.join("state.db")).expect("open test store")
+    Store::open(Path::new(":memory:")).expect("open test store")
 }

@@ -67,7 +67,8 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let applied: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    let applied: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     if applied > MIGRATIONS.len() {
         return Err(rusqlite::Error::InvalidParameterName(format!(
             "database schema version {applied} is newer than this agent knows ({}); \

@@ -322,7 +322,8 @@ pub fn set_step(
     conn.execute(
         "UPDATE task_steps SET state = ?3,
             started_at = CASE WHEN ?3 = 'running' THEN ?4 ELSE started_at END,
-            finished_at = CASE WHEN ?3 IN ('completed', 'failed', 'rolled_back') THEN ?4
+            finished_at = CASE WHEN ?3 IN ('completed', 'failed') THEN ?4
+                               WHEN ?3 = 'rolled_back' THEN COALESCE(finished_at, ?4)
                                ELSE finished_at END,
             error = COALESCE(?5, error)
          WHERE task_id = ?1 AND ord = ?2",

@@ -199,7 +199,10 @@ pub fn touch(conn: &Connection, id: Uuid, now: &str) -> Result<()> {
 
 pub fn delete(conn: &Connection, id: Uuid) -> Result<()> {
     conn.execute("DELETE FROM vms WHERE id = ?1", [id.to_string()])?;
-    conn.execute("DELETE FROM ip_allocations WHERE vps_id = ?1", [id.to_string()])?;
+    conn.execute(
+        "DELETE FROM ip_allocations WHERE vps_id = ?1",
+        [id.to_string()],
+    )?;
     Ok(())
 }
 

@@ -47,7 +47,12 @@ impl FaultPoints {
 
     pub fn hit(&self, kind: &str, step: &str, moment: Moment) {
         if self.matches(kind, step, moment) {
-            tracing::warn!(kind, step, ?moment, "fault point reached: killing the agent");
+            tracing::warn!(
+                kind,
+                step,
+                ?moment,
+                "fault point reached: killing the agent"
+            );
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
     }

@@ -151,7 +151,12 @@ impl TaskEngine {
         result
     }
 
-    async fn execute<O: Operation>(&self, task_id: Uuid, kind: &str, op: &O) -> Result<(), O::Error> {
+    async fn execute<O: Operation>(
+        &self,
+        task_id: Uuid,
+        kind: &str,
+        op: &O,
+    ) -> Result<(), O::Error> {
         let journal = Journal {
             store: &self.store,
             task: task_id,

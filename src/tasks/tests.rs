@@ -93,14 +93,24 @@ async fn a_successful_task_journals_every_step_completed() {
     let claim = engine.claim(vm, id).unwrap();
 
     engine
-        .run(claim, "test", Recorder { log: log.clone(), fail_at: None })
+        .run(
+            claim,
+            "test",
+            Recorder {
+                log: log.clone(),
+                fail_at: None,
+            },
+        )
         .await
         .unwrap();
 
     let t = task(&store, id);
     assert_eq!(t.state, TaskState::Completed);
     assert!(t.steps.iter().all(|s| s.state == StepState::Completed));
-    assert_eq!(*log.lock().unwrap(), vec!["run one", "run two", "run three"]);
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec!["run one", "run two", "run three"]
+    );
     assert_eq!(engine.holder(vm), None);
 }
 
@@ -113,7 +123,14 @@ async fn a_failed_step_unwinds_in_reverse_and_records_the_code() {
     let claim = engine.claim(vm, id).unwrap();
 
     let err = engine
-        .run(claim, "test", Recorder { log: log.clone(), fail_at: Some("two") })
+        .run(
+            claim,
+            "test",
+            Recorder {
+                log: log.clone(),
+                fail_at: Some("two"),
+            },
+        )
         .await
         .unwrap_err();
 
@@ -146,7 +163,14 @@ async fn a_resumed_task_skips_completed_steps() {
     let claim = engine.claim(vm, id).unwrap();
 
     engine
-        .run(claim, "test", Recorder { log: log.clone(), fail_at: None })
+        .run(
+            claim,
+            "test",
+            Recorder {
+                log: log.clone(),
+                fail_at: None,
+            },
+        )
         .await
         .unwrap();
 

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::model::{
-    domain_name, CreateAccepted, CreateVmRequest, VmSpec, VmStatus, CREATE_STEPS,
-    PRIMARY_ADAPTER,
+    domain_name, CreateAccepted, CreateVmRequest, VmSpec, VmStatus, CREATE_STEPS, PRIMARY_ADAPTER,
 };
 use super::{domain_xml, validate, Ctx, Op, VmError, VmManager};
 use crate::cloudinit::{self, NicConfig, SeedInput};
@@ -27,9 +26,10 @@ impl VmManager {
     pub async fn create(&self, req: CreateVmRequest) -> Result<CreateAccepted, VmError> {
         let ctx = &self.ctx;
         let spec = validate::create(req, &ctx.config.capacity)?;
-        let template = ctx.images.get(&spec.template_id).await.map_err(|_| {
-            validate::ValidationError::InvalidTemplate(spec.template_id.clone())
-        })?;
+        let template =
+            ctx.images.get(&spec.template_id).await.map_err(|_| {
+                validate::ValidationError::InvalidTemplate(spec.template_id.clone())
+            })?;
         if spec.disk_gb << 30 < template.virtual_size {
             return Err(validate::ValidationError::InvalidResources(format!(
                 "disk_gb {} is smaller than template {} ({} GB)",
@@ -133,7 +133,8 @@ async fn admit(
                 return Ok(Err(VmError::Exists(spec.id)));
             }
             let alloc = store::vms::allocation(&tx)?;
-            if let Err(why) = host.admits(&capacity, &alloc, spec.cpu_cores, spec.ram_mb, spec.disk_gb)
+            if let Err(why) =
+                host.admits(&capacity, &alloc, spec.cpu_cores, spec.ram_mb, spec.disk_gb)
             {
                 return Ok(Err(VmError::InsufficientCapacity(why)));
             }
@@ -279,7 +280,13 @@ impl CreateOp {
 
     async fn start_vm(&self, vm: &VmRow) -> Result<(), VmError> {
         self.ctx.hv.start(vm.id).await.map_err(|e| self.hv(e))?;
-        match self.ctx.hv.power_state(vm.id).await.map_err(|e| self.hv(e))? {
+        match self
+            .ctx
+            .hv
+            .power_state(vm.id)
+            .await
+            .map_err(|e| self.hv(e))?
+        {
             Some(PowerState::Running) => Ok(()),
             other => Err(self.fail(format!("domain is {other:?} after start"))),
         }
@@ -287,7 +294,12 @@ impl CreateOp {
 
     async fn configure_network(&self, vm: &VmRow) -> Result<(), VmError> {
         // The tap exists once QEMU runs; make sure libvirt put it where it belongs.
-        let xml = self.ctx.hv.domain_xml(vm.id).await.map_err(|e| self.hv(e))?;
+        let xml = self
+            .ctx
+            .hv
+            .domain_xml(vm.id)
+            .await
+            .map_err(|e| self.hv(e))?;
         let tap = network::tap_name(vm.id, 0);
         if !xml.contains(&format!("<target dev='{tap}'/>")) {
             return Err(self.fail(format!("tap {tap} is missing from the running domain")));
@@ -380,7 +392,9 @@ pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow) -> String {
     }];
     let cpu_mode = match lv.accelerator {
         crate::config::Accelerator::Tcg => None,
-        crate::config::Accelerator::Kvm => (!lv.cpu_mode.is_empty()).then_some(lv.cpu_mode.as_str()),
+        crate::config::Accelerator::Kvm => {
+            (!lv.cpu_mode.is_empty()).then_some(lv.cpu_mode.as_str())
+        }
     };
     domain_xml::render(&domain_xml::DomainSpec {
         id: vm.id,
@@ -489,9 +503,11 @@ impl Operation for CreateOp {
                     .await
                     .map_err(|e| VmError::storage(Op::Deploy, e))?,
                 "configure_hardware" => remove_domain(ctx, id, Op::Deploy).await?,
-                "apply_cloud_init" => crate::storage::remove_file_if_exists(&ctx.disks.seed_path(id))
-                    .await
-                    .map_err(|e| VmError::storage(Op::Deploy, e))?,
+                "apply_cloud_init" => {
+                    crate::storage::remove_file_if_exists(&ctx.disks.seed_path(id))
+                        .await
+                        .map_err(|e| VmError::storage(Op::Deploy, e))?
+                }
                 "start_vm" => match ctx.hv.destroy(id).await {
                     Ok(()) | Err(HypervisorError::NoDomain(_)) => {}
                     Err(e) => return Err(VmError::hypervisor(Op::Deploy, e)),

@@ -12,7 +12,12 @@ use super::{create::remove_domain, Ctx, Op, VmError, VmManager};
 use crate::store;
 use crate::tasks::{BoxFuture, Operation};
 
-pub(crate) const DELETE_STEPS: &[&str] = &["remove_domain", "remove_disks", "release_ips", "remove_record"];
+pub(crate) const DELETE_STEPS: &[&str] = &[
+    "remove_domain",
+    "remove_disks",
+    "release_ips",
+    "remove_record",
+];
 
 impl VmManager {
     pub async fn delete(&self, id: Uuid) -> Result<Deleted, VmError> {
@@ -65,10 +70,7 @@ impl Operation for DeleteOp {
                     .store
                     .call(move |c| store::vms::release_ips(c, id))
                     .await?),
-                "remove_record" => Ok(ctx
-                    .store
-                    .call(move |c| store::vms::delete(c, id))
-                    .await?),
+                "remove_record" => Ok(ctx.store.call(move |c| store::vms::delete(c, id)).await?),
                 other => Err(VmError::Internal(format!("unknown delete step {other}"))),
             }
         })

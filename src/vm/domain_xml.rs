@@ -140,11 +140,19 @@ pub fn render(spec: &DomainSpec<'_>) -> String {
         let _ = writeln!(x, "      <model type='virtio'/>");
         let _ = writeln!(x, "    </interface>");
     }
-    // Spare PCIe root ports so NICs can be hot-plugged later (private networks).
+    // Spare PCIe root ports so NICs can be hot-plugged later (private networks); the root
+    // complex must be declared before them.
+    let _ = writeln!(
+        x,
+        "    <controller type='pci' index='0' model='pcie-root'/>"
+    );
     for _ in 0..4 {
         let _ = writeln!(x, "    <controller type='pci' model='pcie-root-port'/>");
     }
-    let _ = writeln!(x, "    <serial type='pty'>\n      <target port='0'/>\n    </serial>");
+    let _ = writeln!(
+        x,
+        "    <serial type='pty'>\n      <target port='0'/>\n    </serial>"
+    );
     let _ = writeln!(
         x,
         "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>"
@@ -207,8 +215,12 @@ mod tests {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, actual).unwrap();
         }
-        let expected = std::fs::read_to_string(&path)
-            .unwrap_or_else(|_| panic!("missing golden file {}; run with UPDATE_GOLDEN=1", path.display()));
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+            panic!(
+                "missing golden file {}; run with UPDATE_GOLDEN=1",
+                path.display()
+            )
+        });
         assert_eq!(actual, expected, "golden file {name} differs");
     }
 
@@ -220,7 +232,10 @@ mod tests {
             tap: "vh0b9f9c1e3c3a0",
         }];
 
-        golden("domain-basic.xml", &render(&spec("web1.example.com", &nics)));
+        golden(
+            "domain-basic.xml",
+            &render(&spec("web1.example.com", &nics)),
+        );
     }
 
     #[test]

@@ -109,7 +109,11 @@ impl PowerOp {
     }
 
     async fn power(&self) -> Result<Option<PowerState>, VmError> {
-        self.ctx.hv.power_state(self.id).await.map_err(|e| self.hv(e))
+        self.ctx
+            .hv
+            .power_state(self.id)
+            .await
+            .map_err(|e| self.hv(e))
     }
 
     /// ACPI shutdown, then power-off when the guest has not finished within the timeout.

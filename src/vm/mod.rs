@@ -109,7 +109,10 @@ impl Ctx {
     fn claim(&self, vm: Uuid) -> Result<Claim, VmError> {
         self.engine
             .claim(vm, Uuid::new_v4())
-            .map_err(|busy| VmError::TaskInProgress { vm, task: busy.task })
+            .map_err(|busy| VmError::TaskInProgress {
+                vm,
+                task: busy.task,
+            })
     }
 
     /// Records the task of `claim` with `steps`.

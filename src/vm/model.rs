@@ -414,6 +414,9 @@ mod tests {
             VmStatus::derive(VmRowState::Active, Some(Shutoff)),
             VmStatus::Stopped
         );
-        assert_eq!(VmStatus::derive(VmRowState::Active, None), VmStatus::Unknown);
+        assert_eq!(
+            VmStatus::derive(VmRowState::Active, None),
+            VmStatus::Unknown
+        );
     }
 }

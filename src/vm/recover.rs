@@ -34,7 +34,11 @@ impl VmManager {
                     // Two unfinished tasks on one VM cannot both be resumed; the older holds it.
                     self.ctx
                         .engine
-                        .abandon(task.id, ErrorCode::TaskInProgress.as_str(), "superseded at restart")
+                        .abandon(
+                            task.id,
+                            ErrorCode::TaskInProgress.as_str(),
+                            "superseded at restart",
+                        )
                         .await?;
                     report.abandoned.push(task.id);
                     continue;
@@ -45,7 +49,10 @@ impl VmManager {
                 "create" => {
                     tracing::info!(task = %task.id, vps = %task.vps_id, "resuming create");
                     report.resumed.push(task.id);
-                    let op = CreateOp { ctx: ctx.clone(), id: task.vps_id };
+                    let op = CreateOp {
+                        ctx: ctx.clone(),
+                        id: task.vps_id,
+                    };
                     tokio::spawn(async move {
                         let _ = ctx.engine.run(claim, "create", op).await;
                     });
@@ -53,7 +60,10 @@ impl VmManager {
                 "delete" => {
                     tracing::info!(task = %task.id, vps = %task.vps_id, "resuming delete");
                     report.resumed.push(task.id);
-                    let op = DeleteOp { ctx: ctx.clone(), id: task.vps_id };
+                    let op = DeleteOp {
+                        ctx: ctx.clone(),
+                        id: task.vps_id,
+                    };
                     tokio::spawn(async move {
                         let _ = ctx.engine.run(claim, "delete", op).await;
                     });

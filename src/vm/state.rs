@@ -107,12 +107,18 @@ mod tests {
 
     #[test]
     fn stop_requests_are_idempotent() {
-        assert_eq!(decide(Action::Stop, VmStatus::Stopped), Ok(Decision::AlreadyThere));
+        assert_eq!(
+            decide(Action::Stop, VmStatus::Stopped),
+            Ok(Decision::AlreadyThere)
+        );
     }
 
     #[test]
     fn start_requests_are_idempotent() {
-        assert_eq!(decide(Action::Start, VmStatus::Running), Ok(Decision::AlreadyThere));
+        assert_eq!(
+            decide(Action::Start, VmStatus::Running),
+            Ok(Decision::AlreadyThere)
+        );
     }
 
     #[test]
@@ -124,14 +130,29 @@ mod tests {
 
     #[test]
     fn a_stopped_vm_cannot_be_suspended_or_reset() {
-        assert_eq!(decide(Action::Suspend, VmStatus::Stopped), Err(Refusal::NotRunning));
-        assert_eq!(decide(Action::Reset, VmStatus::Stopped), Err(Refusal::NotRunning));
+        assert_eq!(
+            decide(Action::Suspend, VmStatus::Stopped),
+            Err(Refusal::NotRunning)
+        );
+        assert_eq!(
+            decide(Action::Reset, VmStatus::Stopped),
+            Err(Refusal::NotRunning)
+        );
     }
 
     #[test]
     fn a_suspended_vm_must_be_resumed_not_started() {
-        assert_eq!(decide(Action::Start, VmStatus::Suspended), Err(Refusal::Suspended));
-        assert_eq!(decide(Action::Resume, VmStatus::Suspended), Ok(Decision::Proceed));
-        assert_eq!(decide(Action::Stop, VmStatus::Suspended), Ok(Decision::Proceed));
+        assert_eq!(
+            decide(Action::Start, VmStatus::Suspended),
+            Err(Refusal::Suspended)
+        );
+        assert_eq!(
+            decide(Action::Resume, VmStatus::Suspended),
+            Ok(Decision::Proceed)
+        );
+        assert_eq!(
+            decide(Action::Stop, VmStatus::Suspended),
+            Ok(Decision::Proceed)
+        );
     }
 }

@@ -116,10 +116,13 @@ pub fn create(req: CreateVmRequest, limits: &CapacityConfig) -> Result<VmSpec, V
     };
     let ip_address = match req.ip_address {
         None => None,
-        Some(s) => Some(s.parse::<IpAddr>().map_err(|_| ValidationError::InvalidField {
-            field: "ip_address",
-            reason: format!("{s:?} is not an IP address"),
-        })?),
+        Some(s) => Some(
+            s.parse::<IpAddr>()
+                .map_err(|_| ValidationError::InvalidField {
+                    field: "ip_address",
+                    reason: format!("{s:?} is not an IP address"),
+                })?,
+        ),
     };
     let webhook_url = req.webhook_url.map(|u| webhook_url(&u)).transpose()?;
     if let Some(secret) = &req.webhook_secret {
@@ -299,9 +302,7 @@ fn webhook_url(u: &str) -> Result<String, ValidationError> {
 /// Snapshot names: `[A-Za-z0-9_]{1,40}`.
 pub fn snapshot_name(name: &str) -> Result<(), ValidationError> {
     let ok = (1..=40).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if ok {
         Ok(())
     } else {
@@ -368,7 +369,17 @@ mod tests {
         }
         let long = format!("{}.com", vec!["a".repeat(63); 4].join("."));
         for bad in [
-            "", "-a", "a-", "A", "a..b", "a.", "a_b", "a b", "a\nb", &"a".repeat(64), &long,
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a..b",
+            "a.",
+            "a_b",
+            "a b",
+            "a\nb",
+            &"a".repeat(64),
+            &long,
         ] {
             assert!(hostname_rule(bad).is_err(), "{bad:?}");
         }
@@ -379,7 +390,10 @@ mod tests {
         let check = |s: &str| password(&Secret::new(s));
 
         assert_eq!(check("abc123"), Err(ValidationError::PasswordTooShort));
-        assert_eq!(check(&"a1".repeat(37)), Err(ValidationError::PasswordTooLong));
+        assert_eq!(
+            check(&"a1".repeat(37)),
+            Err(ValidationError::PasswordTooLong)
+        );
         assert_eq!(check("abcdefgh"), Err(ValidationError::PasswordWeak));
         assert_eq!(check("12345678"), Err(ValidationError::PasswordWeak));
         assert_eq!(check("abcdefg1"), Ok(()));

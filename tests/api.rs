@@ -1,0 +1,424 @@
+//! The HTTP contract through the real router: auth on every route, and the envelope on
+//! every error (unknown route, wrong method, bad JSON, oversized body, bad input).
+//!
+//! libvirt is not needed here: the agent is pointed at a socket that does not exist, which
+//! is also how it behaves while libvirtd is down.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use hvnode::api::auth::hash_token;
+use hvnode::api::UnixPeer;
+use hvnode::app::App;
+use hvnode::config::Config;
+use hvnode::hypervisor::Libvirt;
+use hvnode::store::Store;
+use hvnode::tasks::faults::FaultPoints;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const TOKEN: &str = "test-token-0123456789";
+const VM: &str = "0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c";
+
+struct Harness {
+    router: axum::Router,
+    _dir: tempfile::TempDir,
+}
+
+fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::load(None, Vec::<(String, String)>::new()).unwrap();
+    config.api.token_sha256 = vec![hash_token(TOKEN)];
+    config.storage.image_dir = dir.path().join("images");
+    config.storage.vm_dir = dir.path().join("vms");
+    config.libvirt.uri = "qemu+unix:///system?socket=/nonexistent/hvnode-test.sock".into();
+    let store = Store::open(&dir.path().join("state.db")).unwrap();
+    let hv = Arc::new(Libvirt::new(&config.libvirt.uri));
+    let app = Arc::new(App::with_parts(config, store, hv, FaultPoints::none()));
+    Harness {
+        router: hvnode::api::router(app),
+        _dir: dir,
+    }
+}
+
+async fn send(h: &Harness, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = h.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)));
+    (status, body)
+}
+
+fn request(method: Method, path: &str, token: Option<&str>, body: Body) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    b.body(body).unwrap()
+}
+
+fn assert_error(status: StatusCode, body: &Value, want_status: u16, want_code: &str) {
+    assert_eq!(status.as_u16(), want_status, "{body}");
+    assert_eq!(body["success"], json!(false), "{body}");
+    assert_eq!(body["error_code"], json!(want_code), "{body}");
+    assert!(
+        body["error"].as_str().is_some_and(|s| !s.is_empty()),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().is_some_and(|s| !s.is_empty()),
+        "{body}"
+    );
+}
+
+/// Every protected route, with a method it answers to.
+fn protected_routes() -> Vec<(Method, String)> {
+    let mut routes = vec![
+        (Method::GET, "/v1/node".to_string()),
+        (Method::GET, "/v1/templates".into()),
+        (Method::GET, "/v1/vms".into()),
+        (Method::POST, "/v1/vms".into()),
+        (Method::GET, format!("/v1/vms/{VM}")),
+        (Method::DELETE, format!("/v1/vms/{VM}")),
+        (Method::GET, format!("/v1/vms/{VM}/deployment")),
+        (Method::GET, "/v1/tasks".into()),
+        (Method::GET, format!("/v1/tasks/{VM}")),
+    ];
+    for action in ["start", "stop", "restart", "reset", "suspend", "resume"] {
+        routes.push((Method::POST, format!("/v1/vms/{VM}/{action}")));
+    }
+    routes
+}
+
+#[tokio::test]
+async fn health_needs_no_token_and_reports_libvirt_down_as_degraded() {
+    let h = harness();
+
+    let (status, body) = send(&h, request(Method::GET, "/v1/health", None, Body::empty())).await;
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["success"], json!(true));
+    assert_eq!(body["data"]["status"], json!("degraded"));
+    assert_eq!(body["data"]["service"], json!("hvnode"));
+    assert_eq!(body["data"]["libvirt"]["connected"], json!(false));
+}
+
+#[tokio::test]
+async fn every_protected_route_refuses_a_missing_token() {
+    let h = harness();
+
+    for (method, path) in protected_routes() {
+        let (status, body) = send(&h, request(method.clone(), &path, None, Body::empty())).await;
+
+        assert_error(status, &body, 401, "NO_API_KEY");
+    }
+}
+
+#[tokio::test]
+async fn every_protected_route_refuses_a_wrong_token() {
+    let h = harness();
+
+    for (method, path) in protected_routes() {
+        let (status, body) = send(
+            &h,
+            request(method.clone(), &path, Some("wrong"), Body::empty()),
+        )
+        .await;
+
+        assert_error(status, &body, 401, "INVALID_API_KEY");
+    }
+}
+
+#[tokio::test]
+async fn a_non_bearer_authorization_header_is_no_key() {
+    let h = harness();
+    let req = Request::builder()
+        .uri("/v1/vms")
+        .header("authorization", format!("Basic {TOKEN}"))
+        .body(Body::empty())
+        .unwrap();
+
+    let (status, body) = send(&h, req).await;
+
+    assert_error(status, &body, 401, "NO_API_KEY");
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_in_the_envelope() {
+    let h = harness();
+
+    for path in ["/", "/v2/vms", "/v1/vms/x/y/z", "/v1/nope"] {
+        let (status, body) = send(&h, request(Method::GET, path, Some(TOKEN), Body::empty())).await;
+
+        assert_error(status, &body, 404, "ROUTE_NOT_FOUND");
+    }
+}
+
+#[tokio::test]
+async fn wrong_methods_are_405_in_the_envelope() {
+    let h = harness();
+
+    for (method, path) in [
+        (Method::PUT, "/v1/vms".to_string()),
+        (Method::GET, format!("/v1/vms/{VM}/start")),
+        (Method::POST, "/v1/health".into()),
+        (Method::DELETE, "/v1/node".into()),
+    ] {
+        let (status, body) = send(&h, request(method, &path, Some(TOKEN), Body::empty())).await;
+
+        assert_error(status, &body, 405, "METHOD_NOT_ALLOWED");
+    }
+}
+
+#[tokio::test]
+async fn bodies_that_are_not_json_are_invalid_json() {
+    let h = harness();
+
+    for body in ["", "{", "not json", "[1,2", "{\"cpu_cores\": \"two\"}"] {
+        let (status, resp) = send(
+            &h,
+            request(Method::POST, "/v1/vms", Some(TOKEN), Body::from(body)),
+        )
+        .await;
+
+        assert_error(status, &resp, 400, "INVALID_JSON");
+    }
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413_declared_or_streamed() {
+    let h = harness();
+    let big = vec![b' '; 1024 * 1024 + 1];
+    let declared = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/vms")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-length", big.len())
+        .body(Body::from(big.clone()))
+        .unwrap();
+    let stream = futures_body(big);
+    let streamed = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/vms")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(stream)
+        .unwrap();
+
+    let (s1, b1) = send(&h, declared).await;
+    let (s2, b2) = send(&h, streamed).await;
+
+    assert_error(s1, &b1, 413, "PAYLOAD_TOO_LARGE");
+    assert_error(s2, &b2, 413, "PAYLOAD_TOO_LARGE");
+}
+
+/// A body without a declared length.
+fn futures_body(bytes: Vec<u8>) -> Body {
+    let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> = bytes
+        .chunks(64 * 1024)
+        .map(|c| Ok(axum::body::Bytes::copy_from_slice(c)))
+        .collect();
+    Body::from_stream(tokio_stream_iter(chunks))
+}
+
+fn tokio_stream_iter<T>(items: Vec<T>) -> impl futures_core::Stream<Item = T> {
+    struct Iter<T>(std::vec::IntoIter<T>);
+    impl<T> futures_core::Stream for Iter<T> {
+        type Item = T;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    impl<T> Unpin for Iter<T> {}
+    Iter(items.into_iter())
+}
+
+fn create_body(overrides: Value) -> Body {
+    let mut body = json!({
+        "id": VM,
+        "hostname": "web1.example.com",
+        "template_id": "9010",
+        "cpu_cores": 1,
+        "ram_mb": 512,
+        "disk_gb": 5,
+        "root_password": "s3cretpass",
+        "ssh_keys": [],
+    });
+    for (k, v) in overrides.as_object().unwrap() {
+        if v.is_null() {
+            body.as_object_mut().unwrap().remove(k);
+        } else {
+            body[k] = v.clone();
+        }
+    }
+    Body::from(body.to_string())
+}
+
+#[tokio::test]
+async fn create_validation_uses_the_contract_codes_and_changes_nothing() {
+    let h = harness();
+    let cases = [
+        (
+            json!({"hostname": null, "root_password": null}),
+            "MISSING_FIELDS",
+        ),
+        (json!({"hostname": "-bad-"}), "INVALID_HOSTNAME"),
+        (json!({"hostname": "Web1"}), "INVALID_HOSTNAME"),
+        (json!({"root_password": "a1"}), "PASSWORD_TOO_SHORT"),
+        (
+            json!({"root_password": "a1".repeat(40)}),
+            "PASSWORD_TOO_LONG",
+        ),
+        (json!({"root_password": "onlyletters"}), "PASSWORD_WEAK"),
+        (json!({"ssh_keys": ["ssh-rsa !!!"]}), "INVALID_SSH_KEY"),
+        (
+            json!({"ssh_keys": ["ssh-ed25519 AAAA\nssh-rsa AAAA"]}),
+            "INVALID_SSH_KEY",
+        ),
+        (json!({"cpu_cores": 0}), "INVALID_RESOURCES"),
+        (json!({"ram_mb": -5}), "INVALID_RESOURCES"),
+        (json!({"template_id": "9999"}), "INVALID_TEMPLATE"),
+        (json!({"id": "not-a-uuid"}), "INVALID_JSON"),
+    ];
+
+    for (overrides, code) in cases {
+        let (status, body) = send(
+            &h,
+            request(
+                Method::POST,
+                "/v1/vms",
+                Some(TOKEN),
+                create_body(overrides.clone()),
+            ),
+        )
+        .await;
+
+        assert_error(status, &body, 400, code);
+    }
+    let (_, list) = send(
+        &h,
+        request(Method::GET, "/v1/vms", Some(TOKEN), Body::empty()),
+    )
+    .await;
+    assert_eq!(list["data"]["pagination"]["total"], json!(0));
+}
+
+#[tokio::test]
+async fn the_password_never_appears_in_an_error() {
+    let h = harness();
+
+    let (_, body) = send(
+        &h,
+        request(
+            Method::POST,
+            "/v1/vms",
+            Some(TOKEN),
+            create_body(json!({"root_password": "nodigitsatallhere", "hostname": "ok"})),
+        ),
+    )
+    .await;
+
+    assert!(!body.to_string().contains("nodigitsatallhere"));
+}
+
+#[tokio::test]
+async fn unknown_vms_and_tasks_are_404() {
+    let h = harness();
+
+    for (path, code) in [
+        (format!("/v1/vms/{VM}"), "VPS_NOT_FOUND"),
+        ("/v1/vms/not-a-uuid".to_string(), "VPS_NOT_FOUND"),
+        (format!("/v1/vms/{VM}/deployment"), "VPS_NOT_FOUND"),
+        (format!("/v1/tasks/{VM}"), "TASK_NOT_FOUND"),
+        ("/v1/tasks/nope".to_string(), "TASK_NOT_FOUND"),
+    ] {
+        let (status, body) =
+            send(&h, request(Method::GET, &path, Some(TOKEN), Body::empty())).await;
+
+        assert_error(status, &body, 404, code);
+    }
+    let (status, body) = send(
+        &h,
+        request(
+            Method::POST,
+            &format!("/v1/vms/{VM}/start"),
+            Some(TOKEN),
+            Body::empty(),
+        ),
+    )
+    .await;
+    assert_error(status, &body, 404, "VPS_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn list_pagination_is_clamped_and_validated() {
+    let h = harness();
+
+    let (status, body) = send(
+        &h,
+        request(
+            Method::GET,
+            "/v1/vms?limit=1000&offset=0",
+            Some(TOKEN),
+            Body::empty(),
+        ),
+    )
+    .await;
+    let (bad_status, bad) = send(
+        &h,
+        request(Method::GET, "/v1/vms?limit=abc", Some(TOKEN), Body::empty()),
+    )
+    .await;
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["data"]["pagination"]["limit"], json!(100));
+    assert_eq!(body["data"]["pagination"]["has_more"], json!(false));
+    assert_error(bad_status, &bad, 400, "INVALID_JSON");
+}
+
+#[tokio::test]
+async fn socket_peers_are_checked_by_uid_not_token() {
+    let h = harness();
+    let as_peer = |uid: u32| {
+        let mut req = request(Method::GET, "/v1/vms", None, Body::empty());
+        req.extensions_mut()
+            .insert(ConnectInfo(UnixPeer { uid, gid: uid }));
+        req
+    };
+
+    let (root_status, _) = send(&h, as_peer(0)).await;
+    let (user_status, user_body) = send(&h, as_peer(4242)).await;
+
+    assert_eq!(root_status, StatusCode::OK);
+    assert_error(user_status, &user_body, 401, "INVALID_API_KEY");
+}
+
+#[tokio::test]
+async fn templates_and_node_answer_with_an_empty_store() {
+    let h = harness();
+
+    let (s1, templates) = send(
+        &h,
+        request(Method::GET, "/v1/templates", Some(TOKEN), Body::empty()),
+    )
+    .await;
+    let (s2, node) = send(
+        &h,
+        request(Method::GET, "/v1/node", Some(TOKEN), Body::empty()),
+    )
+    .await;
+
+    assert_eq!(s1, StatusCode::OK);
+    assert_eq!(templates["data"]["templates"], json!([]));
+    assert_eq!(s2, StatusCode::OK);
+    assert!(node["data"]["cpu"]["cores"].as_u64().unwrap() >= 1);
+    assert_eq!(node["data"]["accelerator"], json!("kvm"));
+    assert_eq!(node["data"]["instances"]["total"], json!(0));
+    assert_eq!(node["data"]["allocated"]["cpu_cores"], json!(0));
+}

@@ -1,0 +1,472 @@
+//! The rig-side test harness: the rig's description, a real agent process per test, an
+//! HTTP client for it, and the guest agent as the tests' eyes inside a VM.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+pub const TEMPLATE: &str = "9010";
+
+/// The rig as `tests/rig/up` described it in `/run/hvnode-rig/rig.env`.
+#[derive(Debug, Clone)]
+pub struct Rig {
+    pub netns: String,
+    pub bridge: String,
+    pub gateway: String,
+    pub prefix: u8,
+    pub root: PathBuf,
+    pub image_dir: PathBuf,
+}
+
+impl Rig {
+    pub fn load() -> Rig {
+        let path = "/run/hvnode-rig/rig.env";
+        let text = std::fs::read_to_string(path).unwrap_or_else(|_| {
+            panic!("{path} is missing: bring the rig up first (tests/rig/up, as root)")
+        });
+        let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        let get = |k: &str| {
+            vars.get(k)
+                .unwrap_or_else(|| panic!("{k} missing in {path}"))
+                .to_string()
+        };
+        Rig {
+            netns: get("HVNODE_RIG_NETNS"),
+            bridge: get("HVNODE_RIG_BRIDGE"),
+            gateway: get("HVNODE_RIG_GATEWAY"),
+            prefix: get("HVNODE_RIG_PREFIX").parse().unwrap(),
+            root: get("HVNODE_RIG_ROOT").into(),
+            image_dir: get("HVNODE_RIG_IMAGE_DIR").into(),
+        }
+    }
+
+    /// `a.b.c.N` in the rig's subnet.
+    pub fn addr(&self, n: u8) -> String {
+        let net = self.gateway.rsplit_once('.').unwrap().0;
+        format!("{net}.{n}")
+    }
+}
+
+/// A real `hvnode serve` process with its own state, port, socket and slice of the pool.
+pub struct Agent {
+    pub rig: Rig,
+    pub name: String,
+    pub dir: PathBuf,
+    pub url: String,
+    pub token: String,
+    pub socket: PathBuf,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+    client: reqwest::Client,
+    /// VMs this test created, destroyed by `Drop` if the test left them behind.
+    pub created: Mutex<Vec<String>>,
+}
+
+pub struct AgentOptions {
+    /// First and last host number of the pool slice (`rig.addr(n)`).
+    pub pool: (u8, u8),
+    pub env: Vec<(String, String)>,
+    /// Extra TOML appended to the generated config.
+    pub extra_toml: String,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            pool: (100, 109),
+            env: Vec::new(),
+            extra_toml: String::new(),
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Agent {
+    pub fn start(name: &str, opts: AgentOptions) -> Agent {
+        let rig = Rig::load();
+        let dir = rig
+            .root
+            .join("e2e")
+            .join(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        set_mode(&rig.root.join("e2e"), 0o711);
+        set_mode(&dir, 0o711);
+        let token = format!("e2e-{}", uuid::Uuid::new_v4().simple());
+        let hash = hvnode::api::auth::hash_token(&token);
+        let port = free_port();
+        let socket = dir.join("hvnode.sock");
+        let config_path = dir.join("config.toml");
+        let net = rig.gateway.rsplit_once('.').unwrap().0.to_string();
+        let config = format!(
+            r#"[api]
+listen = "127.0.0.1:{port}"
+socket = "{socket}"
+token_sha256 = ["{hash}"]
+
+[libvirt]
+accelerator = "tcg"
+cpu_mode = ""
+
+[storage]
+image_dir = "{images}"
+vm_dir = "{vms}"
+state_db = "{db}"
+
+[network]
+netns = "{netns}"
+bridge = "{bridge}"
+
+[network.pool]
+cidr = "{net}.0/{prefix}"
+gateway = "{gw}"
+first = "{net}.{first}"
+last = "{net}.{last}"
+dns = ["{gw}"]
+
+{extra}
+"#,
+            socket = socket.display(),
+            images = rig.image_dir.display(),
+            vms = dir.join("vms").display(),
+            db = dir.join("hvnode.db").display(),
+            netns = rig.netns,
+            bridge = rig.bridge,
+            prefix = rig.prefix,
+            gw = rig.gateway,
+            first = opts.pool.0,
+            last = opts.pool.1,
+            extra = opts.extra_toml,
+        );
+        std::fs::write(&config_path, config).unwrap();
+        set_mode(&config_path, 0o600);
+        let mut agent = Agent {
+            rig,
+            name: name.to_owned(),
+            url: format!("http://127.0.0.1:{port}"),
+            token,
+            socket,
+            log_path: dir.join("agent.log"),
+            config_path,
+            dir,
+            child: None,
+            env: opts.env,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(600))
+                .build()
+                .unwrap(),
+            created: Mutex::new(Vec::new()),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hvnode"))
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "hvnode=debug,info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hvnode");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(self.url.trim_start_matches("http://")).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited early ({status}):\n{}", self.log_tail(40));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent did not listen within 30 s:\n{}", self.log_tail(40));
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, as systemd stops it; waits for the exit and returns its status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        c.wait().unwrap()
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Start again after `kill`/`terminate` (or after the agent killed itself), with `env`.
+    pub fn start_again(&mut self, env: Vec<(String, String)>) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+        self.env = env;
+        self.spawn();
+    }
+
+    /// Waits for the process to exit by itself (e.g. a fault point).
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().unwrap().is_some() {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {text}"));
+        (status, value)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.request(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.request(reqwest::Method::DELETE, path, None).await
+    }
+
+    /// POST /v1/vms, remembering the VM for cleanup.
+    pub async fn create(&self, body: Value) -> (u16, Value) {
+        if let Some(id) = body["id"].as_str() {
+            self.created.lock().unwrap().push(id.to_owned());
+        }
+        self.post("/v1/vms", body).await
+    }
+
+    /// Polls the deployment document until it is completed or failed; returns it with every
+    /// step name seen in progress.
+    pub async fn wait_deployment(&self, id: &str, timeout: Duration) -> (Value, Vec<String>) {
+        let deadline = Instant::now() + timeout;
+        let mut seen: Vec<String> = Vec::new();
+        loop {
+            let (status, doc) = self.get(&format!("/v1/vms/{id}/deployment")).await;
+            assert_eq!(status, 200, "{doc}");
+            let data = doc["data"].clone();
+            if let Some(cur) = data["current_task"].as_str() {
+                if seen.last().map(String::as_str) != Some(cur) {
+                    seen.push(cur.to_owned());
+                }
+            }
+            match data["deployment_status"].as_str() {
+                Some("completed") | Some("failed") => return (data, seen),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "deployment of {id} not finished after {timeout:?}: {data}\n{}",
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        for id in self.created.lock().unwrap().iter() {
+            destroy_domain(id);
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agent {} log tail ---\n{}",
+                self.name,
+                self.log_tail(60)
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+pub fn virsh(args: &[&str]) -> (bool, String) {
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .expect("run virsh");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+pub fn domain(id: &str) -> String {
+    format!("vps-{id}")
+}
+
+/// Whether libvirt knows a domain with this UUID.
+pub fn domain_exists(id: &str) -> bool {
+    virsh(&["dominfo", id]).0
+}
+
+pub fn domain_state(id: &str) -> String {
+    virsh(&["domstate", id]).1.trim().to_owned()
+}
+
+/// Last-resort cleanup of a test VM.
+pub fn destroy_domain(id: &str) {
+    if domain_exists(id) {
+        virsh(&["destroy", id]);
+        virsh(&["undefine", "--nvram", id]);
+    }
+}
+
+/// Runs a program in the guest through its agent; returns (exit code, stdout).
+pub fn guest_exec(id: &str, path: &str, args: &[&str]) -> (i64, String) {
+    let cmd = json!({"execute": "guest-exec", "arguments": {
+        "path": path, "arg": args, "capture-output": true}});
+    let (ok, out) = virsh(&["qemu-agent-command", id, &cmd.to_string()]);
+    assert!(ok, "guest-exec {path}: {out}");
+    let pid = serde_json::from_str::<Value>(out.trim()).unwrap()["return"]["pid"]
+        .as_i64()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
+        let (ok, out) = virsh(&["qemu-agent-command", id, &status.to_string()]);
+        assert!(ok, "guest-exec-status: {out}");
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        if v["return"]["exited"] == json!(true) {
+            let data = v["return"]["out-data"].as_str().unwrap_or("");
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .unwrap_or_default();
+            return (
+                v["return"]["exitcode"].as_i64().unwrap_or(-1),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest-exec {path} did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A shell command in the guest.
+pub fn guest_sh(id: &str, script: &str) -> (i64, String) {
+    guest_exec(id, "/bin/sh", &["-c", script])
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A real ed25519 public key (generated once with ssh-keygen for these tests).
+pub const SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExjcmSUhytrxMZpzkoyJK4FdmaWCEK5+1xneLRoEZHT hvnode-e2e";
+
+pub fn create_body(id: &str, hostname: &str, password: &str) -> Value {
+    json!({
+        "id": id,
+        "hostname": hostname,
+        "template_id": TEMPLATE,
+        "cpu_cores": 1,
+        "ram_mb": 512,
+        "disk_gb": 4,
+        "root_password": password,
+        "ssh_keys": [SSH_KEY],
+    })
+}
+
+/// Whether the VM's directory exists under the agent's vm_dir.
+pub fn vm_dir_exists(agent: &Agent, id: &str) -> bool {
+    agent.dir.join("vms").join(id).exists()
+}
+
+/// Waits until `f` returns true or the timeout passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    f()
+}
