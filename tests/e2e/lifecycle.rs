@@ -11,7 +11,7 @@ const BOOT: Duration = Duration::from_secs(900);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_vms_deploy_boot_with_cloud_init_stop_start_and_delete_cleanly() {
-    let agent = Agent::start(
+    let mut agent = Agent::start(
         "lifecycle",
         AgentOptions {
             pool: (100, 109),
@@ -19,6 +19,12 @@ async fn two_vms_deploy_boot_with_cloud_init_stop_start_and_delete_cleanly() {
         },
     );
     let (a, b) = (new_id(), new_id());
+
+    let (_, templates) = agent.get("/v1/templates").await;
+    let t = &templates["data"]["templates"][0];
+    assert_eq!(t["id"], json!(TEMPLATE), "{templates}");
+    assert_eq!(t["sha256"].as_str().map(str::len), Some(64));
+    assert!(t["size_bytes"].as_u64().unwrap() > 0);
     let password_a = "Tr0ub4dor-e2e";
 
     // Both creates are accepted at once and report the contract's first answer.
@@ -121,6 +127,50 @@ async fn two_vms_deploy_boot_with_cloud_init_stop_start_and_delete_cleanly() {
         root_size.trim().parse::<u64>().unwrap() >= 3,
         "root grown to the plan: {root_size}"
     );
+
+    let (_, sshd) = guest_sh(
+        &a,
+        "sshd -T 2>/dev/null | grep -E '^(permitrootlogin|passwordauthentication) '",
+    );
+    assert!(
+        sshd.contains("permitrootlogin yes"),
+        "root may log in with the password: {sshd}"
+    );
+
+    // The admin CLI over the Unix socket, as a table and as JSON.
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hvnode"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&agent.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = ctl(&["vms"]);
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&a) && l.contains("running") && l.contains(&ip_a)),
+        "{table}"
+    );
+    let one: serde_json::Value = serde_json::from_str(&ctl(&["--json", "vm", &a])).unwrap();
+    assert_eq!(one["status"], json!("running"));
+    assert!(ctl(&["node"]).contains("accelerator: tcg"));
+
+    // SIGTERM stops the agent cleanly and leaves the VMs running; a new agent finds them.
+    let exit = agent.terminate();
+    assert!(exit.success(), "agent exit status {exit}");
+    assert_eq!(domain_state(&a), "running");
+    assert_eq!(domain_state(&b), "running");
+    agent.start_again(Vec::new());
 
     // Details and listing.
     let (_, detail) = agent.get(&format!("/v1/vms/{a}")).await;
