@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::hypervisor::{Hypervisor, Libvirt};
 use crate::node::{self, CpuFigures, FsUsage, HostFacts, MemoryFigures, NodeMonitor};
 use crate::store::{Allocation, Store, StoreError};
+use crate::tasks::webhooks::{Deliverer, Outbox};
 use crate::tasks::{faults::FaultPoints, TaskEngine};
 use crate::vm::{VmError, VmManager};
 
@@ -20,6 +21,7 @@ pub struct App {
     pub socket_policy: SocketPolicy,
     monitor: NodeMonitor,
     started: Instant,
+    outbox: Outbox,
 }
 
 impl App {
@@ -40,7 +42,8 @@ impl App {
         let config = Arc::new(config);
         let engine = TaskEngine::new(store.clone(), config.tasks.max_concurrent, faults);
         let host = HostFacts::measure(&config.storage.vm_dir);
-        let vms = VmManager::new(config.clone(), store, hv, engine, host);
+        let outbox = Outbox::default();
+        let vms = VmManager::new(config.clone(), store, hv, engine, host, outbox.clone());
         App {
             tokens: TokenSet::from_hex(&config.api.token_sha256),
             socket_policy: SocketPolicy::from_group(&config.api.socket_group),
@@ -48,7 +51,19 @@ impl App {
             vms,
             monitor: NodeMonitor::start(),
             started: Instant::now(),
+            outbox,
         }
+    }
+
+    /// Starts the background workers: webhook delivery.
+    pub fn start_background(&self) {
+        Deliverer::new(
+            self.vms.store().clone(),
+            self.config.webhooks.clone(),
+            self.outbox.clone(),
+        )
+        .start();
+        self.outbox.wake();
     }
 
     pub async fn health(&self) -> Health {

@@ -44,6 +44,8 @@ pub struct Config {
     pub network: NetworkConfig,
     pub tasks: TasksConfig,
     pub capacity: CapacityConfig,
+    pub webhooks: WebhooksConfig,
+    pub reconcile: ReconcileConfig,
     pub log: LogConfig,
 }
 
@@ -261,6 +263,40 @@ impl Default for CapacityConfig {
             min_ram_mb: 256,
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Delay before the first retry; it doubles on each failure.
+    pub initial_backoff_ms: u64,
+    /// Longest delay between two attempts.
+    pub max_backoff_s: u64,
+    /// Age after which an undelivered event is abandoned.
+    pub max_age_s: u64,
+    /// Per-request timeout.
+    pub timeout_s: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 2000,
+            max_backoff_s: 300,
+            max_age_s: 86_400,
+            timeout_s: 10,
+        }
+    }
+}
+
+/// What startup does when the store and libvirt disagree. Both are always reported.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// Remove hvnode domains (with their files under `storage.vm_dir`) that no record knows.
+    pub remove_unknown_domains: bool,
+    /// Remove records (and their addresses) of deployed VMs whose domain is gone.
+    pub remove_orphan_records: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -41,6 +41,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tracing::warn!("test fault point armed (HVNODE_FAULT): this agent will kill itself");
     }
     let app = Arc::new(App::open(config, faults)?);
+    app.start_background();
     let report = app.vms.recover().await?;
     tracing::info!(
         resumed = report.resumed.len(),

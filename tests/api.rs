@@ -88,7 +88,16 @@ fn protected_routes() -> Vec<(Method, String)> {
         (Method::GET, "/v1/tasks".into()),
         (Method::GET, format!("/v1/tasks/{VM}")),
     ];
-    for action in ["start", "stop", "restart", "reset", "suspend", "resume"] {
+    for action in [
+        "start",
+        "stop",
+        "restart",
+        "reset",
+        "suspend",
+        "resume",
+        "reinstall",
+        "resize",
+    ] {
         routes.push((Method::POST, format!("/v1/vms/{VM}/{action}")));
     }
     routes

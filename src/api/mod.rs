@@ -97,6 +97,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/vms/{id}/reset", post(vms::vm_reset))
         .route("/v1/vms/{id}/suspend", post(vms::vm_suspend))
         .route("/v1/vms/{id}/resume", post(vms::vm_resume))
+        .route("/v1/vms/{id}/reinstall", post(vms::vm_reinstall))
+        .route("/v1/vms/{id}/resize", post(vms::vm_resize))
         .route("/v1/tasks", get(tasks::task_list))
         .route("/v1/tasks/{id}", get(tasks::task_get))
         .route_layer(middleware::from_fn_with_state(

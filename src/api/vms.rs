@@ -10,7 +10,7 @@ use super::extract::{vm_id, JsonBody, QueryMap};
 use super::{ok, with_status, ApiResult};
 use crate::app::App;
 use crate::errors::ErrorCode;
-use crate::vm::model::{CreateVmRequest, ListQuery, VmStatus};
+use crate::vm::model::{CreateVmRequest, ListQuery, ReinstallRequest, ResizeRequest, VmStatus};
 use crate::vm::state::Action;
 use crate::vm::StopOptions;
 
@@ -111,4 +111,30 @@ pub async fn vm_suspend(State(app): State<Arc<App>>, Path(id): Path<String>) -> 
 
 pub async fn vm_resume(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     power(&app, &id, Action::Resume, StopOptions::default()).await
+}
+
+pub async fn vm_reinstall(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<ReinstallRequest>,
+) -> ApiResult {
+    let accepted = app.vms.reinstall(vm_id(&id)?, req).await?;
+    Ok(with_status(
+        StatusCode::ACCEPTED,
+        accepted,
+        Some("reinstall started".into()),
+    ))
+}
+
+pub async fn vm_resize(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<ResizeRequest>,
+) -> ApiResult {
+    let accepted = app.vms.resize(vm_id(&id)?, req).await?;
+    Ok(with_status(
+        StatusCode::ACCEPTED,
+        accepted,
+        Some("resize started".into()),
+    ))
 }

@@ -315,6 +315,14 @@ impl Hypervisor for Libvirt {
     async fn domain_xml(&self, id: Uuid) -> Result<String> {
         self.with_domain("dumpxml", id, |d| d.xml_desc(0)).await
     }
+
+    async fn grow_disk_live(&self, id: Uuid, target: &str, bytes: u64) -> Result<()> {
+        let target = target.to_owned();
+        self.with_domain("block resize", id, move |d| {
+            d.block_resize(&target, bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -89,4 +89,6 @@ pub trait Hypervisor: Send + Sync {
     async fn list_domains(&self) -> Result<Vec<DomainSummary>>;
     /// The domain's current live XML.
     async fn domain_xml(&self, id: Uuid) -> Result<String>;
+    /// Grows a running domain's disk (`vda`, …) to `bytes`; the guest sees it at once.
+    async fn grow_disk_live(&self, id: Uuid, target: &str, bytes: u64) -> Result<()>;
 }

@@ -64,6 +64,25 @@ const MIGRATIONS: &[&str] = &[
         sha256 TEXT NOT NULL,
         verified_at TEXT NOT NULL
     );",
+    // 2: the webhook outbox.
+    "CREATE TABLE webhooks (
+        id INTEGER PRIMARY KEY,
+        dedupe_key TEXT NOT NULL UNIQUE,
+        vps_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        url TEXT NOT NULL,
+        secret TEXT,
+        body TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        delivered_at TEXT,
+        abandoned_at TEXT,
+        last_error TEXT
+    );
+    CREATE INDEX webhooks_due ON webhooks(next_attempt_ms)
+        WHERE delivered_at IS NULL AND abandoned_at IS NULL;",
 ];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {

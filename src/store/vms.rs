@@ -189,6 +189,54 @@ pub fn set_state(conn: &Connection, id: Uuid, state: VmRowState, now: &str) -> R
     Ok(())
 }
 
+/// A reinstall: new template, credentials and cloud-init instance; same id, MAC and IPs.
+pub fn set_install(
+    conn: &Connection,
+    id: Uuid,
+    template_id: &str,
+    password_hash: &str,
+    ssh_keys: &[String],
+    instance_id: &str,
+    now: &str,
+) -> Result<()> {
+    conn.execute(
+        "UPDATE vms SET template_id = ?2, password_hash = ?3, ssh_keys = ?4, instance_id = ?5,
+            updated_at = ?6 WHERE id = ?1",
+        params![
+            id.to_string(),
+            template_id,
+            password_hash,
+            serde_json::to_string(ssh_keys).expect("strings serialize"),
+            instance_id,
+            now
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn set_resources(
+    conn: &Connection,
+    id: Uuid,
+    cpu_cores: u32,
+    ram_mb: u64,
+    disk_gb: u64,
+    now: &str,
+) -> Result<()> {
+    conn.execute(
+        "UPDATE vms SET cpu_cores = ?2, ram_mb = ?3, disk_gb = ?4, updated_at = ?5 WHERE id = ?1",
+        params![id.to_string(), cpu_cores, ram_mb, disk_gb, now],
+    )?;
+    Ok(())
+}
+
+pub fn set_instance_id(conn: &Connection, id: Uuid, instance_id: &str, now: &str) -> Result<()> {
+    conn.execute(
+        "UPDATE vms SET instance_id = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id.to_string(), instance_id, now],
+    )?;
+    Ok(())
+}
+
 pub fn touch(conn: &Connection, id: Uuid, now: &str) -> Result<()> {
     conn.execute(
         "UPDATE vms SET updated_at = ?2 WHERE id = ?1",

@@ -2,7 +2,7 @@
 //!
 //! How a task runs:
 //! 1. The caller `claim`s the VM. A VM has at most one claim at a time (one writer per VM);
-//!    a second claim is refused with the id of the task holding it, which the API reports as
+//!    a second claim is refused with the task holding it, which the API reports as
 //!    `TASK_IN_PROGRESS`. Claims are in memory: a restarted agent starts with none.
 //! 2. The caller records the task and its steps in the store (usually in the same
 //!    transaction as the change that motivated it), then hands the claim and an `Operation`
@@ -10,30 +10,37 @@
 //! 3. `run` waits for one of `tasks.max_concurrent` slots, then executes the steps in order.
 //!    Each step's start and end is committed before the next begins, so after a crash the
 //!    journal says exactly which steps finished.
-//! 4. If a step fails, the steps are undone in reverse, starting with the failed one (undo
-//!    must tolerate a step that only half happened), and the task is marked failed with the
-//!    step's error code. Operations that have nothing to undo say so.
-//! 5. `Operation::finish` runs last, with the outcome, to settle the VM's record.
+//! 4. If a step fails (or the task is cancelled), the error is committed first, then the
+//!    steps are undone in reverse, starting with the failed one (undo must tolerate a step
+//!    that only half happened). Operations that have nothing to undo say so.
+//! 5. `Operation::finish` runs with the outcome to settle the VM's record, and only then is
+//!    the task's final state committed.
 //!
-//! On startup, the owner of each kind of operation rebuilds the operations of unfinished
-//! tasks from their input and the VM record and calls `run` again; steps recorded as
-//! completed are skipped, a step recorded as running is executed again (every step is
-//! idempotent).
+//! After a crash the owner of each kind of operation rebuilds the operations of unfinished
+//! tasks from their input and the VM record and calls `run` again. A task without a recorded
+//! error continues: completed steps are skipped, a step recorded as running is executed
+//! again (every step is idempotent). A task with a recorded error was unwinding: the undo is
+//! run again from its failed step (every undo is idempotent). `finish` may therefore run
+//! more than once and must be idempotent too.
 //!
 //! ```text
 //!   pending ──▶ running ──▶ completed
-//!                  │
-//!                  └──▶ failed (steps undone) ; cancelled (never started)
+//!                  │ step fails            │ cancel()
+//!                  ▼                       ▼
+//!          (error recorded, undo) ──▶ failed | cancelled
 //! ```
 
 pub mod faults;
+pub mod webhooks;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::store::{self, StepState, Store, TaskRow, TaskState};
@@ -45,6 +52,18 @@ pub trait TaskFailure: std::error::Error + Send + Sync + 'static {
     fn code(&self) -> &'static str;
     /// Wraps a failure of the engine itself (its store), so it reaches the caller typed.
     fn from_engine(err: store::StoreError) -> Self;
+    /// The error of a task stopped by `TaskEngine::cancel`.
+    fn cancelled() -> Self;
+    fn is_cancelled(&self) -> bool;
+    /// An error read back from the journal (a task that was unwinding when the agent died).
+    fn from_record(code: &str, message: &str) -> Self;
+}
+
+/// What a step may consult while it runs.
+#[derive(Clone)]
+pub struct StepCtx {
+    /// Fires when the task is cancelled; long waits must stop on it.
+    pub cancel: CancellationToken,
 }
 
 /// A long action as a sequence of named, idempotent steps, each with an undo.
@@ -52,7 +71,11 @@ pub trait Operation: Send + Sync + 'static {
     type Error: TaskFailure;
 
     fn steps(&self) -> &'static [&'static str];
-    fn run_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), Self::Error>>;
+    fn run_step<'a>(
+        &'a self,
+        step: &'static str,
+        ctx: &'a StepCtx,
+    ) -> BoxFuture<'a, Result<(), Self::Error>>;
     /// Undoes `step`, which may have completed or failed halfway. Must be idempotent.
     fn undo_step<'a>(&'a self, _step: &'static str) -> BoxFuture<'a, Result<(), Self::Error>> {
         Box::pin(async { Ok(()) })
@@ -61,17 +84,28 @@ pub trait Operation: Send + Sync + 'static {
     fn rolls_back(&self) -> bool {
         true
     }
-    /// Runs once after the last step or the unwinding, with the outcome.
+    /// Runs after the last step or the unwinding, with the outcome, before the task's final
+    /// state is committed. Must be idempotent.
     fn finish<'a>(&'a self, _outcome: Result<(), &'a Self::Error>) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
 }
 
+#[derive(Debug, Clone)]
+struct Holder {
+    task: Uuid,
+    kind: &'static str,
+    cancel: CancellationToken,
+}
+
+type BusyMap = Arc<Mutex<HashMap<Uuid, Holder>>>;
+
 /// The right to change one VM. Dropping it releases the VM.
 pub struct Claim {
     vm: Uuid,
     task: Uuid,
-    busy: Arc<Mutex<HashMap<Uuid, Uuid>>>,
+    cancel: CancellationToken,
+    busy: BusyMap,
 }
 
 impl Claim {
@@ -87,22 +121,23 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if let Ok(mut busy) = self.busy.lock() {
-            if busy.get(&self.vm) == Some(&self.task) {
+            if busy.get(&self.vm).map(|h| h.task) == Some(self.task) {
                 busy.remove(&self.vm);
             }
         }
     }
 }
 
-/// A claim was refused: `task` holds the VM.
+/// A claim was refused: `task`, of `kind`, holds the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Busy {
     pub task: Uuid,
+    pub kind: &'static str,
 }
 
 pub struct TaskEngine {
     store: Store,
-    busy: Arc<Mutex<HashMap<Uuid, Uuid>>>,
+    busy: BusyMap,
     slots: Arc<Semaphore>,
     faults: faults::FaultPoints,
 }
@@ -117,69 +152,154 @@ impl TaskEngine {
         }
     }
 
-    /// Claims `vm` for a new task `task`.
-    pub fn claim(&self, vm: Uuid, task: Uuid) -> Result<Claim, Busy> {
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Claims `vm` for a new task `task` of `kind`.
+    pub fn claim(&self, vm: Uuid, task: Uuid, kind: &'static str) -> Result<Claim, Busy> {
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(holder) = busy.get(&vm) {
-            return Err(Busy { task: *holder });
+        if let Some(h) = busy.get(&vm) {
+            return Err(Busy {
+                task: h.task,
+                kind: h.kind,
+            });
         }
-        busy.insert(vm, task);
+        let cancel = CancellationToken::new();
+        busy.insert(
+            vm,
+            Holder {
+                task,
+                kind,
+                cancel: cancel.clone(),
+            },
+        );
         Ok(Claim {
             vm,
             task,
+            cancel,
             busy: self.busy.clone(),
         })
     }
 
     /// The task currently holding `vm`, if any.
-    pub fn holder(&self, vm: Uuid) -> Option<Uuid> {
+    pub fn holder(&self, vm: Uuid) -> Option<Busy> {
         self.busy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&vm)
-            .copied()
+            .map(|h| Busy {
+                task: h.task,
+                kind: h.kind,
+            })
     }
 
-    /// Runs the task recorded under `claim.task()` to its end, skipping steps the journal
-    /// already shows completed.
+    /// Asks the task holding `vm` to stop at its next step boundary (or out of a wait) and
+    /// unwind. Returns the task that was asked.
+    pub fn cancel(&self, vm: Uuid) -> Option<Uuid> {
+        let busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        busy.get(&vm).map(|h| {
+            h.cancel.cancel();
+            h.task
+        })
+    }
+
+    /// Waits until no task holds `vm`, up to `timeout`.
+    pub async fn wait_released(&self, vm: Uuid, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.holder(vm).is_some() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
+    /// Tasks holding a claim right now.
+    pub fn active(&self) -> usize {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Runs the task recorded under `claim.task()` to its end, continuing from its journal.
     pub async fn run<O: Operation>(&self, claim: Claim, kind: &str, op: O) -> Result<(), O::Error> {
         let task_id = claim.task();
-        let _permit = self.slots.acquire().await.ok();
-        let result = self.execute(task_id, kind, &op).await;
-        op.finish(result.as_ref().map(|_| ())).await;
-        drop(claim);
-        result
-    }
-
-    async fn execute<O: Operation>(
-        &self,
-        task_id: Uuid,
-        kind: &str,
-        op: &O,
-    ) -> Result<(), O::Error> {
+        let ctx = StepCtx {
+            cancel: claim.cancel.clone(),
+        };
         let journal = Journal {
             store: &self.store,
             task: task_id,
         };
-        let done = journal.load().await.map_err(O::Error::from_engine)?;
+        let _permit = tokio::select! {
+            p = self.slots.acquire() => p.ok(),
+            _ = ctx.cancel.cancelled() => None,
+        };
+        let outcome = self.execute(&journal, kind, &op, &ctx).await;
+        op.finish(outcome.as_ref().map(|_| ())).await;
+        let final_state = match &outcome {
+            Ok(()) => journal.task_state(TaskState::Completed, None).await,
+            Err(e) if e.is_cancelled() => journal.task_state(TaskState::Cancelled, None).await,
+            Err(_) => journal.task_state(TaskState::Failed, None).await,
+        };
+        if let Err(e) = final_state {
+            tracing::error!(task = %task_id, error = %e, "cannot record the task's end");
+            if outcome.is_ok() {
+                return Err(O::Error::from_engine(e));
+            }
+        }
+        drop(claim);
+        outcome
+    }
+
+    async fn execute<O: Operation>(
+        &self,
+        journal: &Journal<'_>,
+        kind: &str,
+        op: &O,
+        ctx: &StepCtx,
+    ) -> Result<(), O::Error> {
+        let recorded = journal.load().await.map_err(O::Error::from_engine)?;
+        let steps = op.steps();
+        if let Some(task) = &recorded {
+            if let (Some(code), Some(message)) = (&task.error_code, &task.error) {
+                // The previous run died while unwinding: finish the unwinding.
+                let failed = task
+                    .steps
+                    .iter()
+                    .rposition(|s| matches!(s.state, StepState::Failed | StepState::Running))
+                    .unwrap_or(0);
+                tracing::warn!(task = %journal.task, kind, "resuming an interrupted unwind");
+                let err = O::Error::from_record(code, message);
+                if op.rolls_back() {
+                    self.unwind(journal, op, steps, failed).await;
+                }
+                return Err(err);
+            }
+        }
         journal
             .task_state(TaskState::Running, None)
             .await
             .map_err(O::Error::from_engine)?;
-        let steps = op.steps();
         for (i, step) in steps.iter().enumerate() {
-            if done
+            let completed = recorded
                 .as_ref()
-                .is_some_and(|t| t.steps.get(i).map(|s| s.state) == Some(StepState::Completed))
-            {
+                .and_then(|t| t.steps.get(i))
+                .is_some_and(|s| s.state == StepState::Completed);
+            if completed {
                 continue;
             }
-            self.faults.hit(kind, step, faults::Moment::Before);
-            journal
-                .step(i, StepState::Running, None)
-                .await
-                .map_err(O::Error::from_engine)?;
-            match op.run_step(step).await {
+            let result = if ctx.cancel.is_cancelled() {
+                Err(O::Error::cancelled())
+            } else {
+                self.faults.hit(kind, step, faults::Moment::Before);
+                journal
+                    .step(i, StepState::Running, None)
+                    .await
+                    .map_err(O::Error::from_engine)?;
+                op.run_step(step, ctx).await
+            };
+            match result {
                 Ok(()) => {
                     journal
                         .step(i, StepState::Completed, None)
@@ -188,27 +308,25 @@ impl TaskEngine {
                     self.faults.hit(kind, step, faults::Moment::After);
                 }
                 Err(err) => {
-                    tracing::warn!(task = %task_id, kind, step, error = %err, "task step failed");
                     let message = err.to_string();
-                    // Journal failures from here on are logged, not returned: the step's
-                    // error is what the caller must see.
-                    log_store(journal.step(i, StepState::Failed, Some(&message)).await);
-                    if op.rolls_back() {
-                        self.unwind(&journal, op, steps, i).await;
+                    if err.is_cancelled() {
+                        tracing::info!(task = %journal.task, kind, step, "task cancelled");
+                    } else {
+                        tracing::warn!(task = %journal.task, kind, step, error = %message,
+                            "task step failed");
                     }
-                    log_store(
-                        journal
-                            .task_state(TaskState::Failed, Some((err.code(), &message)))
-                            .await,
-                    );
+                    // The error is committed before anything is undone, so a crash during
+                    // the unwinding resumes the unwinding. Journal failures from here on
+                    // are logged: the step's error is what the caller must see.
+                    log_store(journal.step(i, StepState::Failed, Some(&message)).await);
+                    log_store(journal.task_error(err.code(), &message).await);
+                    if op.rolls_back() {
+                        self.unwind(journal, op, steps, i).await;
+                    }
                     return Err(err);
                 }
             }
         }
-        journal
-            .task_state(TaskState::Completed, None)
-            .await
-            .map_err(O::Error::from_engine)?;
         Ok(())
     }
 
@@ -220,7 +338,7 @@ impl TaskEngine {
         steps: &'static [&'static str],
         failed: usize,
     ) {
-        for i in (0..=failed).rev() {
+        for i in (0..=failed.min(steps.len().saturating_sub(1))).rev() {
             let step = steps[i];
             match op.undo_step(step).await {
                 Ok(()) => {
@@ -287,6 +405,12 @@ impl Journal<'_> {
                     &now,
                 )
             })
+            .await
+    }
+
+    /// Records the task's error while it is still running (before unwinding).
+    async fn task_error(&self, code: &str, message: &str) -> store::Result<()> {
+        self.task_state(TaskState::Running, Some((code, message)))
             .await
     }
 

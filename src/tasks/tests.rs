@@ -16,12 +16,31 @@ impl TaskFailure for TestError {
     fn from_engine(err: store::StoreError) -> Self {
         TestError(err.to_string())
     }
+    fn cancelled() -> Self {
+        TestError("cancelled".into())
+    }
+    fn is_cancelled(&self) -> bool {
+        self.0 == "cancelled"
+    }
+    fn from_record(_code: &str, message: &str) -> Self {
+        TestError(message.to_owned())
+    }
 }
 
 /// Records every call; fails the step named in `fail_at`.
 struct Recorder {
     log: Arc<StdMutex<Vec<String>>>,
     fail_at: Option<&'static str>,
+    /// Waits here until cancelled.
+    block_at: Option<&'static str>,
+}
+
+fn recorder(log: &Arc<StdMutex<Vec<String>>>, fail_at: Option<&'static str>) -> Recorder {
+    Recorder {
+        log: log.clone(),
+        fail_at,
+        block_at: None,
+    }
 }
 
 impl Operation for Recorder {
@@ -31,11 +50,19 @@ impl Operation for Recorder {
         &["one", "two", "three"]
     }
 
-    fn run_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), TestError>> {
+    fn run_step<'a>(
+        &'a self,
+        step: &'static str,
+        ctx: &'a StepCtx,
+    ) -> BoxFuture<'a, Result<(), TestError>> {
         Box::pin(async move {
             self.log.lock().unwrap().push(format!("run {step}"));
             if self.fail_at == Some(step) {
                 return Err(TestError(format!("{step} broke")));
+            }
+            if self.block_at == Some(step) {
+                ctx.cancel.cancelled().await;
+                return Err(TestError::cancelled());
             }
             Ok(())
         })
@@ -90,17 +117,10 @@ async fn a_successful_task_journals_every_step_completed() {
     let vm = Uuid::new_v4();
     let id = record(&store, vm);
     let log = Arc::new(StdMutex::new(Vec::new()));
-    let claim = engine.claim(vm, id).unwrap();
+    let claim = engine.claim(vm, id, "test").unwrap();
 
     engine
-        .run(
-            claim,
-            "test",
-            Recorder {
-                log: log.clone(),
-                fail_at: None,
-            },
-        )
+        .run(claim, "test", recorder(&log, None))
         .await
         .unwrap();
 
@@ -120,17 +140,10 @@ async fn a_failed_step_unwinds_in_reverse_and_records_the_code() {
     let vm = Uuid::new_v4();
     let id = record(&store, vm);
     let log = Arc::new(StdMutex::new(Vec::new()));
-    let claim = engine.claim(vm, id).unwrap();
+    let claim = engine.claim(vm, id, "test").unwrap();
 
     let err = engine
-        .run(
-            claim,
-            "test",
-            Recorder {
-                log: log.clone(),
-                fail_at: Some("two"),
-            },
-        )
+        .run(claim, "test", recorder(&log, Some("two")))
         .await
         .unwrap_err();
 
@@ -160,17 +173,10 @@ async fn a_resumed_task_skips_completed_steps() {
         })
         .unwrap();
     let log = Arc::new(StdMutex::new(Vec::new()));
-    let claim = engine.claim(vm, id).unwrap();
+    let claim = engine.claim(vm, id, "test").unwrap();
 
     engine
-        .run(
-            claim,
-            "test",
-            Recorder {
-                log: log.clone(),
-                fail_at: None,
-            },
-        )
+        .run(claim, "test", recorder(&log, None))
         .await
         .unwrap();
 
@@ -183,11 +189,86 @@ fn a_vm_has_one_claim_at_a_time() {
     let vm = Uuid::new_v4();
     let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
 
-    let held = engine.claim(vm, first).unwrap();
-    let refused = engine.claim(vm, second).err();
+    let held = engine.claim(vm, first, "create").unwrap();
+    let refused = engine.claim(vm, second, "stop").err();
     drop(held);
-    let after = engine.claim(vm, second).is_ok();
+    let after = engine.claim(vm, second, "stop").is_ok();
 
-    assert_eq!(refused, Some(Busy { task: first }));
+    assert_eq!(
+        refused,
+        Some(Busy {
+            task: first,
+            kind: "create"
+        })
+    );
     assert!(after);
+}
+
+#[tokio::test]
+async fn a_cancelled_task_unwinds_and_ends_cancelled() {
+    let (engine, store) = engine();
+    let engine = Arc::new(engine);
+    let vm = Uuid::new_v4();
+    let id = record(&store, vm);
+    let log = Arc::new(StdMutex::new(Vec::new()));
+    let claim = engine.claim(vm, id, "test").unwrap();
+    let op = Recorder {
+        log: log.clone(),
+        fail_at: None,
+        block_at: Some("two"),
+    };
+    let runner = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.run(claim, "test", op).await })
+    };
+    while log.lock().unwrap().len() < 2 {
+        tokio::task::yield_now().await;
+    }
+
+    assert_eq!(engine.cancel(vm), Some(id));
+    let result = runner.await.unwrap();
+
+    assert!(result.unwrap_err().is_cancelled());
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec!["run one", "run two", "undo two", "undo one"]
+    );
+    assert_eq!(task(&store, id).state, TaskState::Cancelled);
+    assert!(
+        engine
+            .wait_released(vm, std::time::Duration::from_secs(1))
+            .await
+    );
+}
+
+#[tokio::test]
+async fn a_task_that_died_unwinding_finishes_its_unwind_on_resume() {
+    let (engine, store) = engine();
+    let vm = Uuid::new_v4();
+    let id = record(&store, vm);
+    store
+        .call_sync(|c| {
+            store::tasks::set_state(c, id, TaskState::Running, None, "t1")?;
+            store::tasks::set_step(c, id, 0, StepState::Completed, None, "t1")?;
+            store::tasks::set_step(c, id, 1, StepState::Failed, Some("boom"), "t2")?;
+            store::tasks::set_state(
+                c,
+                id,
+                TaskState::Running,
+                Some(("TEST_FAILED", "boom")),
+                "t2",
+            )
+        })
+        .unwrap();
+    let log = Arc::new(StdMutex::new(Vec::new()));
+    let claim = engine.claim(vm, id, "test").unwrap();
+
+    let err = engine
+        .run(claim, "test", recorder(&log, None))
+        .await
+        .unwrap_err();
+
+    assert_eq!(err.0, "boom");
+    assert_eq!(*log.lock().unwrap(), vec!["undo two", "undo one"]);
+    assert_eq!(task(&store, id).state, TaskState::Failed);
 }

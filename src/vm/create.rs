@@ -3,19 +3,18 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
 use super::model::{
     domain_name, CreateAccepted, CreateVmRequest, VmSpec, VmStatus, CREATE_STEPS, PRIMARY_ADAPTER,
 };
-use super::{domain_xml, validate, Ctx, Op, VmError, VmManager};
+use super::{domain_xml, readiness, validate, Ctx, Op, VmError, VmManager};
 use crate::cloudinit::{self, NicConfig, SeedInput};
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::network::{self, ipam::IpamError};
 use crate::store::{self, NewTask, VmRow, VmRowState};
-use crate::tasks::{BoxFuture, Operation};
+use crate::tasks::{webhooks, BoxFuture, Operation, StepCtx};
 
 /// Time a create takes under normal conditions, for the client's progress display.
 const ESTIMATED_SECONDS_KVM: u64 = 60;
@@ -42,7 +41,7 @@ impl VmManager {
         if let Some(existing) = self.repeated_create(&spec).await? {
             return Ok(existing);
         }
-        let claim = match ctx.claim(spec.id) {
+        let claim = match ctx.claim(spec.id, "create") {
             Ok(c) => c,
             // Two identical creates racing: the loser answers with the winner's task.
             Err(busy) => return self.repeated_create(&spec).await?.ok_or(busy),
@@ -307,72 +306,75 @@ impl CreateOp {
         Ok(())
     }
 
-    async fn wait_for_guest_agent(&self, vm: &VmRow) -> Result<(), VmError> {
-        let timeout = Duration::from_secs(self.ctx.config.tasks.guest_agent_timeout_s);
-        let started = Instant::now();
-        loop {
-            let ping = self
-                .ctx
-                .hv
-                .agent_command(vm.id, serde_json::json!({"execute": "guest-ping"}), 5)
-                .await;
-            match ping {
-                Ok(_) => return Ok(()),
-                Err(HypervisorError::Unavailable { .. }) | Err(HypervisorError::NoDomain(_))
-                    if started.elapsed() > timeout =>
-                {
-                    return Err(self.fail("libvirt lost the domain while waiting for it"))
-                }
-                Err(e) if started.elapsed() > timeout => {
-                    return Err(self.fail(format!(
-                        "guest agent did not answer within {} s: {e}",
-                        timeout.as_secs()
-                    )))
-                }
-                Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
-            }
-        }
-    }
-
-    async fn verify_connectivity(&self, vm: &VmRow) -> Result<(), VmError> {
-        if !self.ctx.config.tasks.verify_connectivity {
-            return Ok(());
-        }
-        let Some(ip) = vm.ip_address else {
-            return Err(self.fail("the VPS has no primary address"));
-        };
-        let timeout = Duration::from_secs(self.ctx.config.tasks.connectivity_timeout_s);
-        let started = Instant::now();
-        let target = std::net::SocketAddr::new(ip, 22);
-        loop {
-            let attempt = network::netns::tcp_connect(
-                &self.ctx.config.network.netns,
-                target,
-                Duration::from_secs(3),
-            )
-            .await;
-            match attempt {
-                Ok(()) => return Ok(()),
-                Err(e) if started.elapsed() > timeout => {
-                    return Err(self.fail(format!(
-                        "{target} did not accept a TCP connection within {} s: {e}",
-                        timeout.as_secs()
-                    )))
-                }
-                Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
-            }
-        }
-    }
-
     async fn finalize(&self, vm: &VmRow) -> Result<(), VmError> {
         let (id, now) = (vm.id, crate::time::now());
+        let hook = deployment_webhook(vm, webhooks::DEPLOYMENT_COMPLETED, "running", None);
         self.ctx
             .store
-            .call(move |c| store::vms::set_state(c, id, VmRowState::Active, &now))
+            .call(move |c| {
+                let tx = c.transaction()?;
+                store::vms::set_state(&tx, id, VmRowState::Active, &now)?;
+                if let Some(h) = &hook {
+                    webhooks::enqueue(&tx, &h.as_new())?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
             .await?;
+        self.ctx.outbox.wake();
         tracing::info!(vps = %vm.id, "deployment completed");
         Ok(())
     }
+}
+
+/// A deployment event for the VM's webhook, if it has one.
+struct PendingHook {
+    dedupe_key: String,
+    vps_id: Uuid,
+    event: &'static str,
+    url: String,
+    secret: Option<String>,
+    body: String,
+}
+
+impl PendingHook {
+    fn as_new(&self) -> webhooks::NewWebhook<'_> {
+        webhooks::NewWebhook {
+            dedupe_key: self.dedupe_key.clone(),
+            vps_id: self.vps_id,
+            event: self.event,
+            url: &self.url,
+            secret: self.secret.as_deref(),
+            body: self.body.clone(),
+        }
+    }
+}
+
+fn deployment_webhook(
+    vm: &VmRow,
+    event: &'static str,
+    status: &str,
+    error: Option<&str>,
+) -> Option<PendingHook> {
+    let url = vm.webhook_url.clone()?;
+    let seconds = crate::time::seconds_between(&vm.created_at, &crate::time::now()).unwrap_or(0);
+    Some(PendingHook {
+        // One event per deployment (instance) and kind, however often a task finishes.
+        dedupe_key: format!("{}:{event}", vm.instance_id),
+        vps_id: vm.id,
+        event,
+        url,
+        secret: vm.webhook_secret.clone(),
+        body: webhooks::deployment_body(
+            event,
+            vm.id,
+            &vm.hostname,
+            status,
+            vm.ip_address,
+            seconds,
+            error,
+        ),
+    })
 }
 
 /// The domain XML of `vm` as configured now.
@@ -468,7 +470,11 @@ impl Operation for CreateOp {
         CREATE_STEPS
     }
 
-    fn run_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+    fn run_step<'a>(
+        &'a self,
+        step: &'static str,
+        ctx: &'a StepCtx,
+    ) -> BoxFuture<'a, Result<(), VmError>> {
         Box::pin(async move {
             let vm = self.ctx.vm(self.id).await?;
             match step {
@@ -479,8 +485,12 @@ impl Operation for CreateOp {
                 "apply_cloud_init" => self.apply_cloud_init(&vm).await,
                 "start_vm" => self.start_vm(&vm).await,
                 "configure_network" => self.configure_network(&vm).await,
-                "wait_for_guest_agent" => self.wait_for_guest_agent(&vm).await,
-                "verify_connectivity" => self.verify_connectivity(&vm).await,
+                "wait_for_guest_agent" => {
+                    readiness::wait_for_guest_agent(&self.ctx, vm.id, ctx, Op::Deploy).await
+                }
+                "verify_connectivity" => {
+                    readiness::verify_connectivity(&self.ctx, vm.ip_address, ctx, Op::Deploy).await
+                }
                 "finalize" => self.finalize(&vm).await,
                 other => Err(VmError::Internal(format!("unknown create step {other}"))),
             }
@@ -526,18 +536,33 @@ impl Operation for CreateOp {
 
     fn finish<'a>(&'a self, outcome: Result<(), &'a VmError>) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            if let Err(e) = outcome {
-                let (id, now) = (self.id, crate::time::now());
-                let marked = self
-                    .ctx
-                    .store
-                    .call(move |c| store::vms::set_state(c, id, VmRowState::Failed, &now))
-                    .await;
-                if let Err(se) = marked {
-                    tracing::error!(vps = %id, error = %se, "cannot mark VPS failed");
-                }
-                tracing::warn!(vps = %id, error = %e, "deployment failed and was unwound");
+            let Err(e) = outcome else { return };
+            let (id, now) = (self.id, crate::time::now());
+            let vm = match self.ctx.vm(id).await {
+                Ok(vm) => vm,
+                Err(_) => return,
+            };
+            let message = e.to_string();
+            let hook =
+                deployment_webhook(&vm, webhooks::DEPLOYMENT_FAILED, "failed", Some(&message));
+            let marked = self
+                .ctx
+                .store
+                .call(move |c| {
+                    let tx = c.transaction()?;
+                    store::vms::set_state(&tx, id, VmRowState::Failed, &now)?;
+                    if let Some(h) = &hook {
+                        webhooks::enqueue(&tx, &h.as_new())?;
+                    }
+                    tx.commit()?;
+                    Ok(())
+                })
+                .await;
+            if let Err(se) = marked {
+                tracing::error!(vps = %id, error = %se, "cannot mark VPS failed");
             }
+            self.ctx.outbox.wake();
+            tracing::warn!(vps = %id, error = %e, "deployment failed and was unwound");
         })
     }
 }

@@ -10,7 +10,10 @@ use uuid::Uuid;
 use super::model::Deleted;
 use super::{create::remove_domain, Ctx, Op, VmError, VmManager};
 use crate::store;
-use crate::tasks::{BoxFuture, Operation};
+use crate::tasks::{BoxFuture, Operation, StepCtx};
+
+/// How long a delete waits for a cancelled deployment to unwind.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 pub(crate) const DELETE_STEPS: &[&str] = &[
     "remove_domain",
@@ -23,7 +26,20 @@ impl VmManager {
     pub async fn delete(&self, id: Uuid) -> Result<Deleted, VmError> {
         let ctx = &self.ctx;
         let vm = ctx.vm(id).await?;
-        let claim = ctx.claim(id)?;
+        let claim = match ctx.claim(id, "delete") {
+            Ok(c) => c,
+            // Deleting a VM that is still deploying cancels the deployment: it unwinds what
+            // it did, then the delete removes the rest.
+            Err(busy) if ctx.engine.holder(id).is_some_and(|h| h.kind == "create") => {
+                tracing::info!(vps = %id, "delete cancels the deployment in progress");
+                ctx.engine.cancel(id);
+                if !ctx.engine.wait_released(id, CANCEL_WAIT).await {
+                    return Err(busy);
+                }
+                ctx.claim(id, "delete")?
+            }
+            Err(busy) => return Err(busy),
+        };
         ctx.record_task(&claim, "delete", DELETE_STEPS, serde_json::json!({}))
             .await?;
         tracing::info!(vps = %id, "delete");
@@ -56,7 +72,11 @@ impl Operation for DeleteOp {
         false
     }
 
-    fn run_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+    fn run_step<'a>(
+        &'a self,
+        step: &'static str,
+        _ctx: &'a StepCtx,
+    ) -> BoxFuture<'a, Result<(), VmError>> {
         Box::pin(async move {
             let (ctx, id) = (&self.ctx, self.id);
             match step {

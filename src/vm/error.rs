@@ -67,6 +67,11 @@ pub enum VmError {
     Failed { op: Op, message: String },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("cancelled: the VPS is being deleted")]
+    Cancelled,
+    /// A failure read back from the task journal.
+    #[error("{message}")]
+    Recorded { code: ErrorCode, message: String },
 }
 
 impl VmError {
@@ -85,6 +90,8 @@ impl VmError {
             VmError::HypervisorUnavailable(_) => ErrorCode::HypervisorUnavailable,
             VmError::Failed { op, .. } => op.failed_code(),
             VmError::Internal(_) => ErrorCode::DeploymentFailed,
+            VmError::Cancelled => ErrorCode::InvalidState,
+            VmError::Recorded { code, .. } => *code,
         }
     }
 
@@ -127,5 +134,20 @@ impl crate::tasks::TaskFailure for VmError {
 
     fn from_engine(err: StoreError) -> Self {
         err.into()
+    }
+
+    fn cancelled() -> Self {
+        VmError::Cancelled
+    }
+
+    fn is_cancelled(&self) -> bool {
+        matches!(self, VmError::Cancelled)
+    }
+
+    fn from_record(code: &str, message: &str) -> Self {
+        VmError::Recorded {
+            code: ErrorCode::parse(code).unwrap_or(ErrorCode::DeploymentFailed),
+            message: message.to_owned(),
+        }
     }
 }

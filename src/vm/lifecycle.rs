@@ -13,7 +13,7 @@ use super::model::{ActionResult, VmStatus};
 use super::state::{self, Action, Decision, Refusal};
 use super::{Ctx, Op, VmError, VmManager};
 use crate::hypervisor::{HypervisorError, PowerState};
-use crate::tasks::{BoxFuture, Operation};
+use crate::tasks::{BoxFuture, Operation, StepCtx};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StopOptions {
@@ -43,7 +43,7 @@ impl VmManager {
     ) -> Result<ActionResult, VmError> {
         let ctx = &self.ctx;
         let vm = ctx.vm(id).await?;
-        let claim = ctx.claim(id)?;
+        let claim = ctx.claim(id, action.as_str())?;
         let status = self.status_of(&vm).await;
         match state::decide(action, status) {
             Ok(Decision::AlreadyThere) => return Ok(result(&vm, status)),
@@ -164,7 +164,11 @@ impl Operation for PowerOp {
         false
     }
 
-    fn run_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+    fn run_step<'a>(
+        &'a self,
+        step: &'static str,
+        _ctx: &'a StepCtx,
+    ) -> BoxFuture<'a, Result<(), VmError>> {
         Box::pin(async move {
             let hv = &self.ctx.hv;
             match step {

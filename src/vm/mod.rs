@@ -27,7 +27,10 @@ mod error;
 mod lifecycle;
 pub mod model;
 mod query;
+mod readiness;
 mod recover;
+mod reinstall;
+mod resize;
 pub mod state;
 pub mod validate;
 
@@ -41,6 +44,7 @@ use crate::network::ipam::Pool;
 use crate::node::HostFacts;
 use crate::storage::{Disks, ImageStore};
 use crate::store::{self, NewTask, Store};
+use crate::tasks::webhooks::Outbox;
 use crate::tasks::{Claim, TaskEngine};
 
 pub use error::{Op, VmError};
@@ -58,6 +62,7 @@ pub(crate) struct Ctx {
     pub pool: Pool,
     pub engine: TaskEngine,
     pub host: HostFacts,
+    pub outbox: Outbox,
 }
 
 /// The entry point for every VM operation.
@@ -73,6 +78,7 @@ impl VmManager {
         hv: Arc<dyn Hypervisor>,
         engine: TaskEngine,
         host: HostFacts,
+        outbox: Outbox,
     ) -> VmManager {
         let images = ImageStore::new(&config.storage.image_dir, store.clone());
         let disks = Disks::new(&config.storage);
@@ -87,6 +93,7 @@ impl VmManager {
                 pool,
                 engine,
                 host,
+                outbox,
             }),
         }
     }
@@ -105,10 +112,10 @@ impl VmManager {
 }
 
 impl Ctx {
-    /// Claims `vm` for a new task id, or reports the task holding it.
-    fn claim(&self, vm: Uuid) -> Result<Claim, VmError> {
+    /// Claims `vm` for a new task of `kind`, or reports the task holding it.
+    fn claim(&self, vm: Uuid, kind: &'static str) -> Result<Claim, VmError> {
         self.engine
-            .claim(vm, Uuid::new_v4())
+            .claim(vm, Uuid::new_v4(), kind)
             .map_err(|busy| VmError::TaskInProgress {
                 vm,
                 task: busy.task,

@@ -28,6 +28,39 @@ pub struct CreateVmRequest {
     pub webhook_secret: Option<Secret>,
 }
 
+/// `POST /v1/vms/{id}/reinstall`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ReinstallRequest {
+    pub template_id: Option<TemplateId>,
+    pub root_password: Option<Secret>,
+    /// Absent: keep the VM's current keys.
+    pub ssh_keys: Option<Vec<String>>,
+}
+
+/// `POST /v1/vms/{id}/resize`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ResizeRequest {
+    pub cpu_cores: Option<i64>,
+    pub ram_mb: Option<i64>,
+    pub disk_gb: Option<i64>,
+    pub confirm_data_loss: Option<bool>,
+    pub erase_confirmation: Option<String>,
+    /// Restart a running VM now so new CPU and RAM apply at once (default: next boot).
+    pub restart: Option<bool>,
+}
+
+/// The answer to an action that runs as a background task.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskAccepted {
+    pub vps_id: Uuid,
+    pub task_id: Uuid,
+    pub kind: &'static str,
+    pub name: String,
+    pub status: VmStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
 /// Template ids are strings ("9010") but clients often send numbers.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]

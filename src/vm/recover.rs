@@ -3,9 +3,11 @@
 
 use uuid::Uuid;
 
-use super::create::CreateOp;
+use super::create::{self, CreateOp};
 use super::delete::DeleteOp;
-use super::{VmError, VmManager};
+use super::reinstall::ReinstallOp;
+use super::resize::ResizeOp;
+use super::{Op, VmError, VmManager};
 use crate::errors::ErrorCode;
 use crate::store;
 
@@ -20,6 +22,8 @@ pub struct Reconciliation {
     pub unknown_domains: Vec<Uuid>,
     /// Deployed VMs whose domain is gone from libvirt.
     pub missing_domains: Vec<Uuid>,
+    /// What the `reconcile` settings removed of the above.
+    pub removed: Vec<Uuid>,
 }
 
 impl VmManager {
@@ -28,7 +32,14 @@ impl VmManager {
     pub async fn recover(&self) -> Result<Reconciliation, VmError> {
         let mut report = Reconciliation::default();
         for task in self.ctx.engine.unfinished().await? {
-            let claim = match self.ctx.engine.claim(task.vps_id, task.id) {
+            let kind: &'static str = match task.kind.as_str() {
+                "create" => "create",
+                "delete" => "delete",
+                "reinstall" => "reinstall",
+                "resize" => "resize",
+                _ => "other",
+            };
+            let claim = match self.ctx.engine.claim(task.vps_id, task.id, kind) {
                 Ok(c) => c,
                 Err(_) => {
                     // Two unfinished tasks on one VM cannot both be resumed; the older holds it.
@@ -68,6 +79,31 @@ impl VmManager {
                         let _ = ctx.engine.run(claim, "delete", op).await;
                     });
                 }
+                "reinstall" | "resize" => {
+                    tracing::info!(task = %task.id, vps = %task.vps_id, kind = %task.kind, "resuming");
+                    report.resumed.push(task.id);
+                    let input = task.input.clone();
+                    let bad = |e: serde_json::Error| VmError::Internal(format!("task input: {e}"));
+                    if task.kind == "reinstall" {
+                        let op = ReinstallOp {
+                            ctx: ctx.clone(),
+                            id: task.vps_id,
+                            input: serde_json::from_value(input).map_err(bad)?,
+                        };
+                        tokio::spawn(async move {
+                            let _ = ctx.engine.run(claim, "reinstall", op).await;
+                        });
+                    } else {
+                        let op = ResizeOp {
+                            ctx: ctx.clone(),
+                            id: task.vps_id,
+                            input: serde_json::from_value(input).map_err(bad)?,
+                        };
+                        tokio::spawn(async move {
+                            let _ = ctx.engine.run(claim, "resize", op).await;
+                        });
+                    }
+                }
                 kind => {
                     // A power action's caller is gone with the old process; its effect (or
                     // not) is visible in libvirt, and the control plane retries if needed.
@@ -98,17 +134,48 @@ impl VmManager {
             }
         };
         let vms = self.ctx.store.call(|c| store::vms::list(c)).await?;
+        let policy = self.ctx.config.reconcile.clone();
+        let ours = self.ctx.disks.vm_root().to_string_lossy().into_owned();
         for d in domains.iter().filter(|d| d.managed) {
-            if !vms.iter().any(|v| v.id == d.id) {
-                tracing::warn!(domain = %d.name, id = %d.id,
-                    "libvirt has an hvnode domain the store does not know");
-                report.unknown_domains.push(d.id);
+            if vms.iter().any(|v| v.id == d.id) {
+                continue;
+            }
+            // Only domains whose disks live in this agent's vm_dir are this agent's to remove.
+            let xml = self.ctx.hv.domain_xml(d.id).await.unwrap_or_default();
+            let in_our_dir = xml.contains(&format!("{ours}/{}/", d.id));
+            tracing::warn!(domain = %d.name, id = %d.id, in_our_dir,
+                "libvirt has an hvnode domain the store does not know");
+            report.unknown_domains.push(d.id);
+            if policy.remove_unknown_domains && in_our_dir {
+                tracing::warn!(id = %d.id, "removing unknown domain (reconcile.remove_unknown_domains)");
+                create::remove_domain(&self.ctx, d.id, Op::Delete).await?;
+                self.ctx
+                    .disks
+                    .remove_all(d.id)
+                    .await
+                    .map_err(|e| VmError::storage(Op::Delete, e))?;
+                report.removed.push(d.id);
             }
         }
         for vm in vms.iter().filter(|v| v.state == store::VmRowState::Active) {
-            if !domains.iter().any(|d| d.id == vm.id) {
-                tracing::warn!(vps = %vm.id, "deployed VPS has no domain in libvirt");
-                report.missing_domains.push(vm.id);
+            if domains.iter().any(|d| d.id == vm.id) {
+                continue;
+            }
+            tracing::warn!(vps = %vm.id, "deployed VPS has no domain in libvirt");
+            report.missing_domains.push(vm.id);
+            if policy.remove_orphan_records {
+                tracing::warn!(vps = %vm.id, "removing orphan record (reconcile.remove_orphan_records)");
+                let id = vm.id;
+                self.ctx
+                    .disks
+                    .remove_all(id)
+                    .await
+                    .map_err(|e| VmError::storage(Op::Delete, e))?;
+                self.ctx
+                    .store
+                    .call(move |c| store::vms::delete(c, id))
+                    .await?;
+                report.removed.push(id);
             }
         }
         Ok(())

@@ -1,0 +1,312 @@
+//! Reinstalling a VM: a fresh disk from a (possibly other) template, a fresh cloud-init
+//! instance, the same id, MAC and addresses.
+//!
+//! The old disk is kept aside (`disk.prev.qcow2`) until the new system has booted and
+//! answered, so a reinstall that fails puts the old disk, seed and definition back and the
+//! customer keeps what they had. Only `finalize` discards the old disk.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::create::{domain_xml_for, write_seed};
+use super::model::{ReinstallRequest, TaskAccepted, VmStatus};
+use super::{readiness, validate, Ctx, Op, VmError, VmManager};
+use crate::cloudinit;
+use crate::hypervisor::{HypervisorError, PowerState};
+use crate::store::{self, VmRow, VmRowState};
+use crate::tasks::{BoxFuture, Operation, StepCtx};
+
+pub(crate) const REINSTALL_STEPS: &[&str] = &[
+    "validate_template",
+    "stop_vm",
+    "replace_disk",
+    "apply_cloud_init",
+    "start_vm",
+    "wait_for_guest_agent",
+    "verify_connectivity",
+    "finalize",
+];
+
+/// The task's input: what the VM becomes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ReinstallInput {
+    pub template_id: String,
+    pub password_hash: String,
+    pub ssh_keys: Vec<String>,
+    pub instance_id: String,
+    pub was_running: bool,
+}
+
+impl VmManager {
+    pub async fn reinstall(
+        &self,
+        id: Uuid,
+        req: ReinstallRequest,
+    ) -> Result<TaskAccepted, VmError> {
+        let ctx = &self.ctx;
+        let vm = ctx.vm(id).await?;
+        let (Some(template_id), Some(password)) = (req.template_id, req.root_password) else {
+            return Err(validate::ValidationError::MissingFields(vec![
+                "template_id",
+                "root_password",
+            ])
+            .into());
+        };
+        let template_id = template_id.into_string();
+        validate::password(&password)?;
+        let ssh_keys = match &req.ssh_keys {
+            Some(keys) => validate::ssh_keys(keys)?,
+            None => vm.ssh_keys.clone(),
+        };
+        let template = ctx
+            .images
+            .get(&template_id)
+            .await
+            .map_err(|_| validate::ValidationError::InvalidTemplate(template_id.clone()))?;
+        if vm.disk_gb << 30 < template.virtual_size {
+            return Err(validate::ValidationError::InvalidResources(format!(
+                "template {template_id} needs {} GB, the VPS has {} GB",
+                template.virtual_size.div_ceil(1 << 30),
+                vm.disk_gb
+            ))
+            .into());
+        }
+        let claim = ctx.claim(id, "reinstall")?;
+        let status = self.status_of(&vm).await;
+        let was_running = match status {
+            VmStatus::Running | VmStatus::Suspended => true,
+            VmStatus::Stopped => false,
+            VmStatus::Unknown => {
+                return Err(VmError::HypervisorUnavailable(
+                    "cannot read the VPS's power state".into(),
+                ))
+            }
+            VmStatus::Deploying | VmStatus::Failed => {
+                return Err(VmError::InvalidState(format!(
+                    "cannot reinstall a VPS that is {}",
+                    status.as_str()
+                )))
+            }
+        };
+        let password_hash =
+            tokio::task::spawn_blocking(move || cloudinit::hash_password(&password))
+                .await
+                .map_err(|e| VmError::Internal(e.to_string()))?
+                .map_err(|e| VmError::cloud_init(Op::Deploy, e))?;
+        let input = ReinstallInput {
+            template_id,
+            password_hash,
+            ssh_keys,
+            instance_id: format!("{id}-{}", Uuid::new_v4().simple()),
+            was_running,
+        };
+        ctx.record_task(
+            &claim,
+            "reinstall",
+            REINSTALL_STEPS,
+            serde_json::to_value(&input).map_err(|e| VmError::Internal(e.to_string()))?,
+        )
+        .await?;
+        tracing::info!(vps = %id, task = %claim.task(), template = %input.template_id, "reinstall");
+        let task_id = claim.task();
+        let op = ReinstallOp {
+            ctx: self.ctx.clone(),
+            id,
+            input,
+        };
+        let runner = self.ctx.clone();
+        tokio::spawn(async move {
+            let _ = runner.engine.run(claim, "reinstall", op).await;
+        });
+        Ok(TaskAccepted {
+            vps_id: id,
+            task_id,
+            kind: "reinstall",
+            name: vm.hostname,
+            status,
+            note: None,
+        })
+    }
+}
+
+pub(crate) struct ReinstallOp {
+    pub ctx: Arc<Ctx>,
+    pub id: Uuid,
+    pub input: ReinstallInput,
+}
+
+impl ReinstallOp {
+    fn hv(e: HypervisorError) -> VmError {
+        VmError::hypervisor(Op::Deploy, e)
+    }
+
+    /// The VM as it will be once reinstalled.
+    fn next(&self, vm: &VmRow) -> VmRow {
+        VmRow {
+            template_id: self.input.template_id.clone(),
+            password_hash: self.input.password_hash.clone(),
+            ssh_keys: self.input.ssh_keys.clone(),
+            instance_id: self.input.instance_id.clone(),
+            ..vm.clone()
+        }
+    }
+
+    fn prev_disk(&self) -> std::path::PathBuf {
+        self.ctx.disks.dir(self.id).join("disk.prev.qcow2")
+    }
+
+    async fn replace_disk(&self, vm: &VmRow) -> Result<(), VmError> {
+        let disk = self.ctx.disks.disk_path(self.id);
+        let prev = self.prev_disk();
+        if !prev.exists() {
+            tokio::fs::rename(&disk, &prev)
+                .await
+                .map_err(|e| VmError::Failed {
+                    op: Op::Deploy,
+                    message: format!("cannot set the old disk aside: {e}"),
+                })?;
+        }
+        let template = self
+            .ctx
+            .images
+            .get(&self.input.template_id)
+            .await
+            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+        self.ctx
+            .disks
+            .create_disk(self.id, &template, vm.disk_gb)
+            .await
+            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+        let next = self.next(vm);
+        self.ctx
+            .hv
+            .define(domain_xml_for(&self.ctx, &next))
+            .await
+            .map_err(Self::hv)
+    }
+
+    async fn restore_disk(&self, vm: &VmRow) -> Result<(), VmError> {
+        match self.ctx.hv.destroy(self.id).await {
+            Ok(()) | Err(HypervisorError::NoDomain(_)) => {}
+            Err(e) => return Err(Self::hv(e)),
+        }
+        let prev = self.prev_disk();
+        if prev.exists() {
+            let disk = self.ctx.disks.disk_path(self.id);
+            tokio::fs::rename(&prev, &disk)
+                .await
+                .map_err(|e| VmError::Internal(format!("cannot restore the old disk: {e}")))?;
+        }
+        self.ctx
+            .hv
+            .define(domain_xml_for(&self.ctx, vm))
+            .await
+            .map_err(Self::hv)
+    }
+
+    async fn finalize(&self) -> Result<(), VmError> {
+        let (id, now, input) = (self.id, crate::time::now(), self.input.clone());
+        self.ctx
+            .store
+            .call(move |c| {
+                store::vms::set_install(
+                    c,
+                    id,
+                    &input.template_id,
+                    &input.password_hash,
+                    &input.ssh_keys,
+                    &input.instance_id,
+                    &now,
+                )
+            })
+            .await?;
+        crate::storage::remove_file_if_exists(&self.prev_disk())
+            .await
+            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+        tracing::info!(vps = %id, template = %self.input.template_id, "reinstall completed");
+        Ok(())
+    }
+}
+
+impl Operation for ReinstallOp {
+    type Error = VmError;
+
+    fn steps(&self) -> &'static [&'static str] {
+        REINSTALL_STEPS
+    }
+
+    fn run_step<'a>(
+        &'a self,
+        step: &'static str,
+        ctx: &'a StepCtx,
+    ) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(async move {
+            let vm = self.ctx.vm(self.id).await?;
+            if vm.state != VmRowState::Active {
+                return Err(VmError::InvalidState(
+                    "the VPS is no longer deployed".into(),
+                ));
+            }
+            match step {
+                "validate_template" => {
+                    let t = self
+                        .ctx
+                        .images
+                        .get(&self.input.template_id)
+                        .await
+                        .map_err(|e| VmError::storage(Op::Deploy, e))?;
+                    self.ctx
+                        .images
+                        .verify(&t)
+                        .await
+                        .map_err(|e| VmError::storage(Op::Deploy, e))
+                }
+                // The disk is about to be replaced: there is nothing to shut down gracefully for.
+                "stop_vm" => match self.ctx.hv.destroy(self.id).await {
+                    Ok(()) | Err(HypervisorError::NoDomain(_)) => Ok(()),
+                    Err(e) => Err(Self::hv(e)),
+                },
+                "replace_disk" => self.replace_disk(&vm).await,
+                "apply_cloud_init" => write_seed(&self.ctx, &self.next(&vm)).await,
+                "start_vm" => {
+                    self.ctx.hv.start(self.id).await.map_err(Self::hv)?;
+                    match self.ctx.hv.power_state(self.id).await.map_err(Self::hv)? {
+                        Some(PowerState::Running) => Ok(()),
+                        other => Err(VmError::Failed {
+                            op: Op::Deploy,
+                            message: format!("domain is {other:?} after start"),
+                        }),
+                    }
+                }
+                "wait_for_guest_agent" => {
+                    readiness::wait_for_guest_agent(&self.ctx, self.id, ctx, Op::Deploy).await
+                }
+                "verify_connectivity" => {
+                    readiness::verify_connectivity(&self.ctx, vm.ip_address, ctx, Op::Deploy).await
+                }
+                "finalize" => self.finalize().await,
+                other => Err(VmError::Internal(format!("unknown reinstall step {other}"))),
+            }
+        })
+    }
+
+    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(async move {
+            let vm = self.ctx.vm(self.id).await?;
+            match step {
+                "stop_vm" if self.input.was_running => {
+                    self.ctx.hv.start(self.id).await.map_err(Self::hv)
+                }
+                "replace_disk" => self.restore_disk(&vm).await,
+                "apply_cloud_init" => write_seed(&self.ctx, &vm).await,
+                "start_vm" => match self.ctx.hv.destroy(self.id).await {
+                    Ok(()) | Err(HypervisorError::NoDomain(_)) => Ok(()),
+                    Err(e) => Err(Self::hv(e)),
+                },
+                _ => Ok(()),
+            }
+        })
+    }
+}

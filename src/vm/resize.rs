@@ -1,0 +1,347 @@
+//! Resizing a VM: CPU, RAM and disk.
+//!
+//! - CPU and RAM change in the persistent definition and apply at the next boot; with
+//!   `restart: true` a running VM is restarted (ACPI, then power-off) so they apply now.
+//! - A larger disk keeps its data: a running VM's disk grows live (`virDomainBlockResize`,
+//!   the guest sees the new size at once; cloud-init grows the root filesystem at the next
+//!   boot), a stopped VM's image grows offline.
+//! - A smaller disk cannot keep data. It needs `confirm_data_loss: true` and
+//!   `erase_confirmation: "ERASE"`, and then the disk is re-created from the VM's template at
+//!   the new size with a fresh cloud-init instance (same password hash, keys and addresses).
+//!
+//! The new resources are recorded when the resize is admitted, in the same transaction as
+//! the capacity check, so two resizes and creates cannot overbook the host; a failure
+//! before the disk changed puts the old values back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::create::{domain_xml_for, write_seed};
+use super::model::{ResizeRequest, TaskAccepted, VmStatus};
+use super::validate::{self, ValidationError};
+use super::{Ctx, Op, VmError, VmManager};
+use crate::hypervisor::{HypervisorError, PowerState};
+use crate::store::{self, NewTask, VmRowState};
+use crate::tasks::{BoxFuture, Operation, StepCtx};
+
+pub(crate) const RESIZE_STEPS: &[&str] = &["apply_definition", "resize_disk", "restart_vm"];
+
+const GIB: u64 = 1 << 30;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ResizeInput {
+    pub old: (u32, u64, u64),
+    pub new: (u32, u64, u64),
+    /// The disk shrinks: re-create it (confirmed by the client).
+    pub erase: bool,
+    pub restart: bool,
+    pub was_running: bool,
+}
+
+impl ResizeInput {
+    fn cpu_or_ram_changed(&self) -> bool {
+        self.old.0 != self.new.0 || self.old.1 != self.new.1
+    }
+}
+
+impl VmManager {
+    pub async fn resize(&self, id: Uuid, req: ResizeRequest) -> Result<TaskAccepted, VmError> {
+        let ctx = &self.ctx;
+        let vm = ctx.vm(id).await?;
+        if req.cpu_cores.is_none() && req.ram_mb.is_none() && req.disk_gb.is_none() {
+            return Err(
+                ValidationError::MissingFields(vec!["cpu_cores", "ram_mb", "disk_gb"]).into(),
+            );
+        }
+        let (cpu, ram, disk) =
+            validate::resources(req.cpu_cores, req.ram_mb, req.disk_gb, &ctx.config.capacity)?;
+        let new = (
+            cpu.unwrap_or(vm.cpu_cores),
+            ram.unwrap_or(vm.ram_mb),
+            disk.unwrap_or(vm.disk_gb),
+        );
+        let old = (vm.cpu_cores, vm.ram_mb, vm.disk_gb);
+        let erase = new.2 < old.2;
+        if erase {
+            let confirmed = req.confirm_data_loss == Some(true)
+                && req.erase_confirmation.as_deref() == Some("ERASE");
+            if !confirmed {
+                return Err(ValidationError::ConfirmationRequired.into());
+            }
+            let template = ctx
+                .images
+                .get(&vm.template_id)
+                .await
+                .map_err(|_| ValidationError::InvalidTemplate(vm.template_id.clone()))?;
+            if new.2 * GIB < template.virtual_size {
+                return Err(ValidationError::InvalidResources(format!(
+                    "disk_gb {} is smaller than template {} ({} GB)",
+                    new.2,
+                    template.id,
+                    template.virtual_size.div_ceil(GIB)
+                ))
+                .into());
+            }
+        }
+        let claim = ctx.claim(id, "resize")?;
+        let status = self.status_of(&vm).await;
+        let was_running = match status {
+            VmStatus::Running | VmStatus::Suspended => true,
+            VmStatus::Stopped => false,
+            VmStatus::Unknown => {
+                return Err(VmError::HypervisorUnavailable(
+                    "cannot read the VPS's power state".into(),
+                ))
+            }
+            VmStatus::Deploying | VmStatus::Failed => {
+                return Err(VmError::InvalidState(format!(
+                    "cannot resize a VPS that is {}",
+                    status.as_str()
+                )))
+            }
+        };
+        let input = ResizeInput {
+            old,
+            new,
+            erase,
+            restart: req.restart.unwrap_or(false),
+            was_running,
+        };
+        self.admit_resize(&claim, &input).await?;
+        tracing::info!(vps = %id, task = %claim.task(), ?old, ?new, erase, "resize");
+        let note = (was_running && input.cpu_or_ram_changed() && !input.restart)
+            .then(|| "cpu_cores and ram_mb apply at the next boot".to_owned());
+        let task_id = claim.task();
+        let op = ResizeOp {
+            ctx: self.ctx.clone(),
+            id,
+            input,
+        };
+        let runner = self.ctx.clone();
+        tokio::spawn(async move {
+            let _ = runner.engine.run(claim, "resize", op).await;
+        });
+        Ok(TaskAccepted {
+            vps_id: id,
+            task_id,
+            kind: "resize",
+            name: vm.hostname,
+            status,
+            note,
+        })
+    }
+
+    /// Checks capacity for the growth, records the new resources and the task, atomically.
+    async fn admit_resize(
+        &self,
+        claim: &crate::tasks::Claim,
+        input: &ResizeInput,
+    ) -> Result<(), VmError> {
+        let ctx = &self.ctx;
+        let (id, task_id) = (claim.vm(), claim.task());
+        let (host, limits) = (ctx.host, ctx.config.capacity.clone());
+        let value = serde_json::to_value(input).map_err(|e| VmError::Internal(e.to_string()))?;
+        let (old, new) = (input.old, input.new);
+        let now = crate::time::now();
+        ctx.store
+            .call(move |c| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let mut alloc = store::vms::allocation(&tx)?;
+                alloc.cpu_cores = alloc.cpu_cores.saturating_sub(old.0 as u64);
+                alloc.ram_mb = alloc.ram_mb.saturating_sub(old.1);
+                alloc.disk_gb = alloc.disk_gb.saturating_sub(old.2);
+                if let Err(why) = host.admits(&limits, &alloc, new.0, new.1, new.2) {
+                    return Ok(Err(VmError::InsufficientCapacity(why)));
+                }
+                store::vms::set_resources(&tx, id, new.0, new.1, new.2, &now)?;
+                store::tasks::insert(
+                    &tx,
+                    &NewTask {
+                        id: task_id,
+                        kind: "resize",
+                        vps_id: id,
+                        input: value,
+                        steps: RESIZE_STEPS,
+                        now: &now,
+                    },
+                )?;
+                tx.commit()?;
+                Ok(Ok(()))
+            })
+            .await?
+    }
+}
+
+pub(crate) struct ResizeOp {
+    pub ctx: Arc<Ctx>,
+    pub id: Uuid,
+    pub input: ResizeInput,
+}
+
+impl ResizeOp {
+    fn hv(e: HypervisorError) -> VmError {
+        VmError::hypervisor(Op::Action(super::state::Action::Restart), e)
+    }
+
+    async fn power(&self) -> Result<Option<PowerState>, VmError> {
+        self.ctx.hv.power_state(self.id).await.map_err(Self::hv)
+    }
+
+    async fn resize_disk(&self) -> Result<(), VmError> {
+        let (old, new) = (self.input.old.2, self.input.new.2);
+        if self.input.erase {
+            return self.erase_disk().await;
+        }
+        if new <= old {
+            return Ok(());
+        }
+        match self.power().await? {
+            Some(PowerState::Running | PowerState::Paused) => self
+                .ctx
+                .hv
+                .grow_disk_live(self.id, "vda", new * GIB)
+                .await
+                .map_err(Self::hv),
+            _ => self
+                .ctx
+                .disks
+                .grow_disk(self.id, new)
+                .await
+                .map_err(|e| VmError::storage(Op::Deploy, e)),
+        }
+    }
+
+    /// Re-creates the disk from the template at the smaller size, with a new cloud-init
+    /// instance so the guest provisions itself again.
+    async fn erase_disk(&self) -> Result<(), VmError> {
+        match self.ctx.hv.destroy(self.id).await {
+            Ok(()) | Err(HypervisorError::NoDomain(_)) => {}
+            Err(e) => return Err(Self::hv(e)),
+        }
+        let vm = self.ctx.vm(self.id).await?;
+        let template = self
+            .ctx
+            .images
+            .get(&vm.template_id)
+            .await
+            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+        self.ctx
+            .disks
+            .remove_disk(self.id)
+            .await
+            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+        self.ctx
+            .disks
+            .create_disk(self.id, &template, self.input.new.2)
+            .await
+            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+        let (id, now) = (self.id, crate::time::now());
+        let instance = format!("{id}-{}", Uuid::new_v4().simple());
+        let fresh = crate::store::VmRow {
+            instance_id: instance.clone(),
+            ..vm
+        };
+        write_seed(&self.ctx, &fresh).await?;
+        self.ctx
+            .store
+            .call(move |c| store::vms::set_instance_id(c, id, &instance, &now))
+            .await?;
+        Ok(())
+    }
+
+    async fn restart_vm(&self) -> Result<(), VmError> {
+        let running = matches!(
+            self.power().await?,
+            Some(PowerState::Running | PowerState::Paused)
+        );
+        if self.input.erase {
+            if self.input.was_running && !running {
+                self.ctx.hv.start(self.id).await.map_err(Self::hv)?;
+            }
+            return Ok(());
+        }
+        if !(self.input.restart && running && self.input.cpu_or_ram_changed()) {
+            return Ok(());
+        }
+        self.ctx.hv.shutdown(self.id).await.map_err(Self::hv)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if matches!(self.power().await?, Some(PowerState::Shutoff) | None) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        self.ctx.hv.destroy(self.id).await.map_err(Self::hv)?;
+        self.ctx.hv.start(self.id).await.map_err(Self::hv)
+    }
+
+    /// Puts the old resources back (keeping a disk size that already took effect).
+    async fn restore_resources(&self) -> Result<(), VmError> {
+        let disk_now = crate::storage::virtual_size(&self.ctx.disks.disk_path(self.id))
+            .await
+            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+        let (old, new) = (self.input.old, self.input.new);
+        let disk = if disk_now >= new.2 * GIB && new.2 > old.2 || self.input.erase {
+            new.2
+        } else {
+            old.2
+        };
+        let (id, now) = (self.id, crate::time::now());
+        self.ctx
+            .store
+            .call(move |c| store::vms::set_resources(c, id, old.0, old.1, disk, &now))
+            .await?;
+        let vm = self.ctx.vm(self.id).await?;
+        self.ctx
+            .hv
+            .define(domain_xml_for(&self.ctx, &vm))
+            .await
+            .map_err(Self::hv)
+    }
+}
+
+impl Operation for ResizeOp {
+    type Error = VmError;
+
+    fn steps(&self) -> &'static [&'static str] {
+        RESIZE_STEPS
+    }
+
+    fn run_step<'a>(
+        &'a self,
+        step: &'static str,
+        _ctx: &'a StepCtx,
+    ) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(async move {
+            let vm = self.ctx.vm(self.id).await?;
+            if vm.state != VmRowState::Active {
+                return Err(VmError::InvalidState(
+                    "the VPS is no longer deployed".into(),
+                ));
+            }
+            match step {
+                "apply_definition" => self
+                    .ctx
+                    .hv
+                    .define(domain_xml_for(&self.ctx, &vm))
+                    .await
+                    .map_err(Self::hv),
+                "resize_disk" => self.resize_disk().await,
+                "restart_vm" => self.restart_vm().await,
+                other => Err(VmError::Internal(format!("unknown resize step {other}"))),
+            }
+        })
+    }
+
+    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(async move {
+            match step {
+                "apply_definition" => self.restore_resources().await,
+                _ => Ok(()),
+            }
+        })
+    }
+}
