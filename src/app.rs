@@ -100,6 +100,7 @@ impl App {
             accelerator: self.config.libvirt.accelerator.as_str(),
             instances: self.vms.counts().await?,
             allocated: self.vms.allocation().await?.into(),
+            reconciliation: self.vms.reconciliation(),
         })
     }
 
@@ -166,6 +167,8 @@ pub struct NodeInfo {
     pub accelerator: &'static str,
     pub instances: crate::vm::InstanceCounts,
     pub allocated: AllocatedFigures,
+    /// What startup found when it compared the store with libvirt.
+    pub reconciliation: Option<crate::vm::Reconciliation>,
 }
 
 #[derive(Debug, Serialize)]

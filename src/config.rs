@@ -248,6 +248,8 @@ pub struct CapacityConfig {
     pub max_ram_mb: u64,
     pub max_disk_gb: u64,
     pub min_ram_mb: u64,
+    /// Most VMs this host takes; 0: no limit besides CPU, RAM and disk.
+    pub max_vms: u64,
 }
 
 impl Default for CapacityConfig {
@@ -261,6 +263,7 @@ impl Default for CapacityConfig {
             max_ram_mb: 512 * 1024,
             max_disk_gb: 4096,
             min_ram_mb: 256,
+            max_vms: 0,
         }
     }
 }

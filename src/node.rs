@@ -51,6 +51,12 @@ impl HostFacts {
             * limits.ram_overcommit)
             .floor() as u64;
         let disk_max = (self.storage_gb as f64 * limits.disk_overcommit).floor() as u64;
+        if limits.max_vms > 0 && alloc.vms >= limits.max_vms {
+            return Err(format!(
+                "vms: this host takes at most {} (capacity.max_vms)",
+                limits.max_vms
+            ));
+        }
         if alloc.cpu_cores + cpu_cores as u64 > cpu_max {
             return Err(format!(
                 "cpu: {} of {cpu_max} vCPUs allocated, {cpu_cores} more requested",

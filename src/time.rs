@@ -1,4 +1,5 @@
-//! Timestamps as the platform writes them: RFC 3339, UTC, whole seconds (`2026-11-23T05:00:00Z`).
+//! Timestamps: RFC 3339, UTC, with milliseconds (`2026-11-23T05:00:00.123Z`), so that the
+//! task journal orders steps within a second.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
@@ -7,7 +8,7 @@ pub fn now() -> String {
 }
 
 pub fn format(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 pub fn parse(s: &str) -> Option<DateTime<Utc>> {

@@ -1,13 +1,14 @@
 //! Test-only fault points at task step boundaries, for crash-safety tests.
 //!
-//! Off unless the agent is started with `HVNODE_FAULT=<kind>:<step>:<before|after>` (for
-//! example `create:start_vm:after`). When a task reaches that boundary, the agent kills itself
+//! Off unless the agent is started with `HVNODE_FAULT=<kind>:<step>:<before|after|undo>`
+//! (for example `create:start_vm:after`; `undo` is just before the step is undone). When a task reaches that boundary, the agent kills itself
 //! with SIGKILL — no destructor, flush or shutdown handler runs, as in a real crash.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Moment {
     Before,
     After,
+    Undo,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -28,6 +29,7 @@ impl FaultPoints {
             let moment = match when {
                 "before" => Moment::Before,
                 "after" => Moment::After,
+                "undo" => Moment::Undo,
                 _ => return None,
             };
             Some((kind.to_owned(), step.to_owned(), moment))

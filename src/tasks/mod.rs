@@ -272,7 +272,7 @@ impl TaskEngine {
                 tracing::warn!(task = %journal.task, kind, "resuming an interrupted unwind");
                 let err = O::Error::from_record(code, message);
                 if op.rolls_back() {
-                    self.unwind(journal, op, steps, failed).await;
+                    self.unwind(journal, kind, op, steps, failed).await;
                 }
                 return Err(err);
             }
@@ -321,7 +321,7 @@ impl TaskEngine {
                     log_store(journal.step(i, StepState::Failed, Some(&message)).await);
                     log_store(journal.task_error(err.code(), &message).await);
                     if op.rolls_back() {
-                        self.unwind(journal, op, steps, i).await;
+                        self.unwind(journal, kind, op, steps, i).await;
                     }
                     return Err(err);
                 }
@@ -334,12 +334,14 @@ impl TaskEngine {
     async fn unwind<O: Operation>(
         &self,
         journal: &Journal<'_>,
+        kind: &str,
         op: &O,
         steps: &'static [&'static str],
         failed: usize,
     ) {
         for i in (0..=failed.min(steps.len().saturating_sub(1))).rev() {
             let step = steps[i];
+            self.faults.hit(kind, step, faults::Moment::Undo);
             match op.undo_step(step).await {
                 Ok(()) => {
                     if i != failed {

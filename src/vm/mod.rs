@@ -63,6 +63,8 @@ pub(crate) struct Ctx {
     pub engine: TaskEngine,
     pub host: HostFacts,
     pub outbox: Outbox,
+    /// What the last startup found when comparing the store with libvirt.
+    pub reconciliation: std::sync::Mutex<Option<Reconciliation>>,
 }
 
 /// The entry point for every VM operation.
@@ -94,6 +96,7 @@ impl VmManager {
                 engine,
                 host,
                 outbox,
+                reconciliation: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -108,6 +111,15 @@ impl VmManager {
 
     pub fn store(&self) -> &Store {
         &self.ctx.store
+    }
+
+    /// The report of the last startup reconciliation.
+    pub fn reconciliation(&self) -> Option<Reconciliation> {
+        self.ctx
+            .reconciliation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

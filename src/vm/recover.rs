@@ -122,6 +122,11 @@ impl VmManager {
             }
         }
         self.compare_with_libvirt(&mut report).await?;
+        *self
+            .ctx
+            .reconciliation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
         Ok(report)
     }
 

@@ -150,6 +150,7 @@ impl VmManager {
             .call(move |c| {
                 let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let mut alloc = store::vms::allocation(&tx)?;
+                alloc.vms = alloc.vms.saturating_sub(1);
                 alloc.cpu_cores = alloc.cpu_cores.saturating_sub(old.0 as u64);
                 alloc.ram_mb = alloc.ram_mb.saturating_sub(old.1);
                 alloc.disk_gb = alloc.disk_gb.saturating_sub(old.2);

@@ -132,6 +132,11 @@ state_db = "{db}"
 netns = "{netns}"
 bridge = "{bridge}"
 
+[tasks]
+# Several guests boot at once under TCG on a small machine.
+guest_agent_timeout_s = 1500
+connectivity_timeout_s = 600
+
 [network.pool]
 cidr = "{net}.0/{prefix}"
 gateway = "{gw}"
@@ -469,4 +474,37 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     f()
+}
+
+impl Agent {
+    /// Polls a task until it is completed, failed or cancelled; returns it.
+    pub async fn wait_task(&self, task_id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.get(&format!("/v1/tasks/{task_id}")).await;
+            assert_eq!(status, 200, "{body}");
+            match body["data"]["state"].as_str() {
+                Some("completed") | Some("failed") | Some("cancelled") => {
+                    return body["data"].clone()
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "task {task_id} not finished after {timeout:?}: {body}\n{}",
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Waits until the guest agent answers (after a reboot).
+pub async fn wait_guest_agent(id: &str, timeout: Duration) {
+    let ok = eventually(timeout, || {
+        virsh(&["qemu-agent-command", id, r#"{"execute":"guest-ping"}"#]).0
+    })
+    .await;
+    assert!(ok, "guest agent of {id} did not answer within {timeout:?}");
 }

@@ -5,5 +5,8 @@
 //! Guests take a minute or more to boot here, so every test boots the guests it needs at
 //! once and checks as much as it can on them.
 
+mod concurrency;
+mod crash;
 mod harness;
 mod lifecycle;
+mod reinstall_resize;
