@@ -29,7 +29,10 @@ impl App {
     /// a tokio runtime.
     pub fn open(config: Config, faults: FaultPoints) -> Result<App, StoreError> {
         let store = Store::open(&config.storage.state_db)?;
-        let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::new(&config.libvirt.uri));
+        let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::new(
+            &config.libvirt.uri,
+            config.libvirt.connections,
+        ));
         Ok(App::with_parts(config, store, hv, faults))
     }
 

@@ -108,6 +108,8 @@ pub struct LibvirtConfig {
     pub ovmf_vars: PathBuf,
     /// `<cpu mode=…>`; empty leaves QEMU's default model (required under TCG).
     pub cpu_mode: String,
+    /// Connections to libvirtd used in turn (libvirtd runs 5 calls per connection at once).
+    pub connections: usize,
 }
 
 impl Default for LibvirtConfig {
@@ -119,6 +121,7 @@ impl Default for LibvirtConfig {
             ovmf_code: PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"),
             ovmf_vars: PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.fd"),
             cpu_mode: "host-model".into(),
+            connections: 4,
         }
     }
 }

@@ -36,7 +36,10 @@ fn harness() -> Harness {
     config.storage.vm_dir = dir.path().join("vms");
     config.libvirt.uri = "qemu+unix:///system?socket=/nonexistent/hvnode-test.sock".into();
     let store = Store::open(&dir.path().join("state.db")).unwrap();
-    let hv = Arc::new(Libvirt::new(&config.libvirt.uri));
+    let hv = Arc::new(Libvirt::new(
+        &config.libvirt.uri,
+        config.libvirt.connections,
+    ));
     let app = Arc::new(App::with_parts(config, store, hv, FaultPoints::none()));
     Harness {
         router: hvnode::api::router(app),

@@ -1,5 +1,11 @@
-//! `Hypervisor` over libvirt (`virt` crate), with a self-healing connection.
+//! `Hypervisor` over libvirt (`virt` crate), with self-healing connections.
+//!
+//! libvirtd serves at most `max_client_requests` (5 by default) calls of one connection at a
+//! time, and a domain start takes hundreds of milliseconds, so one shared connection would
+//! queue concurrent creates behind each other. A small pool of connections, used in turn,
+//! lets them proceed side by side.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -13,19 +19,23 @@ use super::{
     DomainSummary, Hypervisor, HypervisorError, PowerState, Result, Versions, METADATA_NS,
 };
 
+type Slot = Arc<Mutex<Option<Connect>>>;
+
 pub struct Libvirt {
     uri: String,
-    conn: Arc<Mutex<Option<Connect>>>,
+    slots: Vec<Slot>,
+    next: AtomicUsize,
 }
 
 impl Libvirt {
-    /// Creates the client; the connection is opened on first use.
-    pub fn new(uri: &str) -> Libvirt {
+    /// Creates the client with `connections` pooled connections, each opened on first use.
+    pub fn new(uri: &str, connections: usize) -> Libvirt {
         // libvirt's default error handler prints every error to stderr; we report them ourselves.
         virt::error::clear_error_callback();
         Libvirt {
             uri: uri.to_owned(),
-            conn: Arc::new(Mutex::new(None)),
+            slots: (0..connections.max(1)).map(|_| Slot::default()).collect(),
+            next: AtomicUsize::new(0),
         }
     }
 
@@ -38,7 +48,7 @@ impl Libvirt {
         F: Fn(&Connect) -> std::result::Result<T, VirtError> + Send + 'static,
     {
         let uri = self.uri.clone();
-        let slot = self.conn.clone();
+        let slot = self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()].clone();
         tokio::task::spawn_blocking(move || {
             let mut last = None;
             for _attempt in 0..2 {

@@ -9,4 +9,5 @@ mod concurrency;
 mod crash;
 mod harness;
 mod lifecycle;
+mod reconcile;
 mod reinstall_resize;
