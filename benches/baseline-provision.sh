@@ -73,4 +73,6 @@ cat > "$dir/domain.xml" <<DOC
 </domain>
 DOC
 virsh -q -c qemu:///system define "$dir/domain.xml" >/dev/null
+t0=$(date +%s%N)
 virsh -q -c qemu:///system start "$name" >/dev/null
+echo "start_ms=$(( ($(date +%s%N) - t0) / 1000000 ))"
