@@ -44,6 +44,7 @@ PACKAGES=(
     cloud-init cloud-guest-utils qemu-guest-agent openssh-server
     ifupdown isc-dhcp-client iproute2 net-tools netbase resolvconf ca-certificates
     e2fsprogs fdisk procps less
+    iputils-ping iputils-arping
 )
 
 # ---------------------------------------------------------------- helpers

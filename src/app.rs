@@ -7,7 +7,9 @@ use serde::Serialize;
 
 use crate::api::auth::{SocketPolicy, TokenSet};
 use crate::config::Config;
+use crate::console::Tickets;
 use crate::hypervisor::{Hypervisor, Libvirt};
+use crate::metrics::{RequestCounters, Sampler};
 use crate::node::{self, CpuFigures, FsUsage, HostFacts, MemoryFigures, NodeMonitor};
 use crate::store::{Allocation, Store, StoreError};
 use crate::tasks::webhooks::{Deliverer, Outbox};
@@ -19,6 +21,11 @@ pub struct App {
     pub vms: VmManager,
     pub tokens: TokenSet,
     pub socket_policy: SocketPolicy,
+    pub sampler: Sampler,
+    pub requests: RequestCounters,
+    pub tickets: Tickets,
+    /// Console sessions open at once (`console.max_sessions`).
+    pub console_slots: Arc<tokio::sync::Semaphore>,
     monitor: NodeMonitor,
     started: Instant,
     outbox: Outbox,
@@ -46,8 +53,17 @@ impl App {
         let engine = TaskEngine::new(store.clone(), config.tasks.max_concurrent, faults);
         let host = HostFacts::measure(&config.storage.vm_dir);
         let outbox = Outbox::default();
+        let sampler = Sampler::new(
+            hv.clone(),
+            std::time::Duration::from_millis(config.metrics.interval_ms),
+            std::time::Duration::from_millis(config.metrics.qmp_timeout_ms),
+        );
         let vms = VmManager::new(config.clone(), store, hv, engine, host, outbox.clone());
         App {
+            sampler,
+            requests: RequestCounters::default(),
+            tickets: Tickets::default(),
+            console_slots: Arc::new(tokio::sync::Semaphore::new(config.console.max_sessions)),
             tokens: TokenSet::from_hex(&config.api.token_sha256),
             socket_policy: SocketPolicy::from_group(&config.api.socket_group),
             config,
@@ -58,8 +74,9 @@ impl App {
         }
     }
 
-    /// Starts the background workers: webhook delivery.
+    /// Starts the background workers: webhook delivery and the metrics sampler.
     pub fn start_background(&self) {
+        self.sampler.start();
         Deliverer::new(
             self.vms.store().clone(),
             self.config.webhooks.clone(),
@@ -105,6 +122,72 @@ impl App {
             allocated: self.vms.allocation().await?.into(),
             reconciliation: self.vms.reconciliation(),
         })
+    }
+
+    /// The status document of one VM, from a sample no older than the interval.
+    pub async fn vm_status(&self, id: uuid::Uuid) -> Result<crate::metrics::StatusDoc, VmError> {
+        self.vm_status_within(id, self.sampler.interval()).await
+    }
+
+    /// Like `vm_status`, from a sample no older than `max_age` (or the sampler's
+    /// interval, whichever is shorter).
+    pub async fn vm_status_within(
+        &self,
+        id: uuid::Uuid,
+        max_age: std::time::Duration,
+    ) -> Result<crate::metrics::StatusDoc, VmError> {
+        let (vm, status) = self.vms.row_with_status(id).await?;
+        let sample = self
+            .sampler
+            .fresh_within(id, max_age.min(self.sampler.interval()))
+            .await;
+        Ok(crate::metrics::status::document(
+            &vm,
+            status,
+            sample.as_ref(),
+        ))
+    }
+
+    /// The Prometheus exposition of the node, every running VM and the agent.
+    pub async fn metrics_text(&self) -> Result<String, VmError> {
+        let (cpu, memory) = self.monitor.cpu_and_memory();
+        let storage = node::fs_usage(&self.config.storage.vm_dir);
+        let counts = self.vms.counts().await?;
+        let names = self.vms.hostnames().await?;
+        let tasks = self
+            .vms
+            .store()
+            .call(|c| crate::store::tasks::count_by_state(c))
+            .await?;
+        let samples = self.sampler.all();
+        let requests = self.requests.snapshot();
+        let libvirt_up = self.vms.hypervisor().connected().await;
+        Ok(crate::metrics::prometheus::render(
+            &crate::metrics::prometheus::Scrape {
+                cpu: &cpu,
+                memory: &memory,
+                storage: storage.as_ref(),
+                load: node::load_average(),
+                vms_by_status: &[
+                    ("running", counts.running),
+                    ("stopped", counts.stopped),
+                    ("suspended", counts.suspended),
+                    (
+                        "other",
+                        counts
+                            .total
+                            .saturating_sub(counts.running + counts.stopped + counts.suspended),
+                    ),
+                ],
+                samples: &samples,
+                names: &names,
+                tasks_by_state: &tasks,
+                requests: &requests,
+                sweep: self.sampler.figures(),
+                libvirt_up,
+                uptime_seconds: self.started.elapsed().as_secs(),
+            },
+        ))
     }
 
     pub async fn templates(&self) -> Result<Templates, VmError> {

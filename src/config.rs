@@ -46,6 +46,8 @@ pub struct Config {
     pub capacity: CapacityConfig,
     pub webhooks: WebhooksConfig,
     pub reconcile: ReconcileConfig,
+    pub metrics: MetricsConfig,
+    pub console: ConsoleConfig,
     pub log: LogConfig,
 }
 
@@ -166,9 +168,24 @@ pub struct NetworkConfig {
     /// Named network namespace (`/run/netns/NAME`) that holds the data plane (bridges, taps,
     /// guest addresses); empty means the agent's own namespace.
     pub netns: String,
-    /// Public bridge every VM's first NIC is attached to.
+    /// Public bridge every VM's first NIC is attached to; created when absent.
     pub bridge: String,
+    /// Host interface enslaved to the public bridge (the uplink); empty: none.
+    pub uplink: String,
+    /// Anti-spoofing filters on every VM NIC.
+    pub filter: bool,
+    /// The nftables table (bridge family) holding them.
+    pub filter_table: String,
+    /// Delete hvnode's devices (IFBs, private bridges and tunnels) that no VM or network
+    /// in the store needs, when reconciling.
+    pub remove_leftovers: bool,
+    /// Extra addresses one VM may hold besides its primary.
+    pub max_extra_ips: usize,
+    /// The public IPv4 pool.
     pub pool: IpPoolConfig,
+    /// An optional public IPv6 pool: VMs then get a primary IPv6 address too.
+    pub pool6: Option<IpPoolConfig>,
+    pub private: PrivateNetworkConfig,
 }
 
 impl Default for NetworkConfig {
@@ -176,7 +193,54 @@ impl Default for NetworkConfig {
         Self {
             netns: String::new(),
             bridge: "br-public".into(),
+            uplink: String::new(),
+            filter: true,
+            filter_table: "hvnode".into(),
+            remove_leftovers: true,
+            max_extra_ips: 8,
             pool: IpPoolConfig::default(),
+            pool6: None,
+            private: PrivateNetworkConfig::default(),
+        }
+    }
+}
+
+/// Customers' private networks: an isolated L2 segment each, a bridge per network on this
+/// host, carried to other hosts by VXLAN (VNI = network).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivateNetworkConfig {
+    /// Subnets handed to networks created without one.
+    pub pool: IpNetwork,
+    pub prefix_len: u8,
+    /// VNIs handed to networks created without one (inclusive).
+    pub vni_first: u32,
+    pub vni_last: u32,
+    /// Underlay interface for VXLAN; empty: networks stay on this host.
+    pub underlay: String,
+    /// This host's underlay address (VXLAN source).
+    pub local_ip: Option<IpAddr>,
+    /// Other hypervisors' underlay addresses: broadcast and unknown traffic is replicated
+    /// to each (no multicast needed).
+    pub peers: Vec<IpAddr>,
+    /// MTU of private bridges and VXLAN devices (underlay MTU minus 50).
+    pub mtu: u32,
+    /// 802.1Q on a trunk uplink instead of VXLAN (needs kernel 802.1Q support).
+    pub vlan_trunk: String,
+}
+
+impl Default for PrivateNetworkConfig {
+    fn default() -> Self {
+        Self {
+            pool: "10.240.0.0/16".parse().expect("static CIDR"),
+            prefix_len: 24,
+            vni_first: 10_000,
+            vni_last: 19_999,
+            underlay: String::new(),
+            local_ip: None,
+            peers: Vec::new(),
+            mtu: 1450,
+            vlan_trunk: String::new(),
         }
     }
 }
@@ -305,6 +369,47 @@ pub struct ReconcileConfig {
     pub remove_orphan_records: bool,
 }
 
+/// The status sampler behind `/status`, its stream and `/metrics`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// How often the sampler sweeps every running VM.
+    pub interval_ms: u64,
+    /// How long one VM's QMP `query-status` may take before the sweep goes on without it.
+    pub qmp_timeout_ms: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1000,
+            qmp_timeout_ms: 2000,
+        }
+    }
+}
+
+/// Browser (noVNC) and serial consoles.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Where the noVNC client lives (Debian's `novnc` package installs it here).
+    pub novnc_dir: PathBuf,
+    /// Lifetime of a ticket when the request does not ask for less (at most 300 s).
+    pub ticket_ttl_s: u64,
+    /// Console sessions open at once across all VMs.
+    pub max_sessions: usize,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            novnc_dir: PathBuf::from("/usr/share/novnc"),
+            ticket_ttl_s: 60,
+            max_sessions: 64,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -355,6 +460,16 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.metrics.interval_ms < 100 {
+            return Err(ConfigError::Invalid(
+                "metrics.interval_ms must be at least 100".into(),
+            ));
+        }
+        if !(1..=300).contains(&self.console.ticket_ttl_s) {
+            return Err(ConfigError::Invalid(
+                "console.ticket_ttl_s must be between 1 and 300".into(),
+            ));
+        }
         for hash in &self.api.token_sha256 {
             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ConfigError::Invalid(
@@ -384,6 +499,37 @@ impl Config {
         if self.tasks.max_concurrent == 0 {
             return Err(ConfigError::Invalid(
                 "tasks.max_concurrent must be at least 1".into(),
+            ));
+        }
+        let private = &self.network.private;
+        if private.prefix_len < private.pool.prefix() || private.prefix_len > 30 {
+            return Err(ConfigError::Invalid(
+                "network.private.prefix_len must be between the pool's prefix and 30".into(),
+            ));
+        }
+        if private.vni_first == 0
+            || private.vni_first > private.vni_last
+            || private.vni_last > 16_777_215
+        {
+            return Err(ConfigError::Invalid(
+                "network.private.vni_first..vni_last must be within 1..=16777215".into(),
+            ));
+        }
+        if !private.underlay.is_empty() && private.local_ip.is_none() {
+            return Err(ConfigError::Invalid(
+                "network.private.local_ip is required with network.private.underlay".into(),
+            ));
+        }
+        if let Some(p6) = &self.network.pool6 {
+            if !p6.cidr.is_ipv6() {
+                return Err(ConfigError::Invalid(
+                    "network.pool6.cidr must be IPv6".into(),
+                ));
+            }
+        }
+        if !self.network.pool.cidr.is_ipv4() {
+            return Err(ConfigError::Invalid(
+                "network.pool.cidr must be IPv4".into(),
             ));
         }
         if self.network.bridge.is_empty() || self.network.bridge.len() > 15 {

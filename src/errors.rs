@@ -43,10 +43,15 @@ pub enum ErrorCode {
     StatusFailed,
     ConsoleFailed,
     DeploymentFailed,
+    /// Added to the contract's list: the host's network (bridges, tunnels, filters) could
+    /// not be configured.
+    NetworkFailed,
+    /// Added: a WebSocket route was called without a WebSocket upgrade (426).
+    WebsocketRequired,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 37] = [
+    pub const ALL: [ErrorCode; 39] = [
         ErrorCode::NoApiKey,
         ErrorCode::InvalidApiKey,
         ErrorCode::VpsNotFound,
@@ -84,6 +89,8 @@ impl ErrorCode {
         ErrorCode::StatusFailed,
         ErrorCode::ConsoleFailed,
         ErrorCode::DeploymentFailed,
+        ErrorCode::NetworkFailed,
+        ErrorCode::WebsocketRequired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -125,6 +132,8 @@ impl ErrorCode {
             ErrorCode::StatusFailed => "STATUS_FAILED",
             ErrorCode::ConsoleFailed => "CONSOLE_FAILED",
             ErrorCode::DeploymentFailed => "DEPLOYMENT_FAILED",
+            ErrorCode::NetworkFailed => "NETWORK_FAILED",
+            ErrorCode::WebsocketRequired => "WEBSOCKET_REQUIRED",
         }
     }
 

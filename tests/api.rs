@@ -90,6 +90,23 @@ fn protected_routes() -> Vec<(Method, String)> {
         (Method::GET, format!("/v1/vms/{VM}/deployment")),
         (Method::GET, "/v1/tasks".into()),
         (Method::GET, format!("/v1/tasks/{VM}")),
+        (Method::GET, format!("/v1/vms/{VM}/ips")),
+        (Method::POST, format!("/v1/vms/{VM}/ips")),
+        (Method::DELETE, format!("/v1/vms/{VM}/ips/192.0.2.10")),
+        (Method::POST, format!("/v1/vms/{VM}/ips/192.0.2.10/move")),
+        (Method::GET, "/v1/private-networks".into()),
+        (Method::POST, "/v1/private-networks".into()),
+        (Method::GET, "/v1/private-networks/subnets".into()),
+        (Method::DELETE, format!("/v1/private-networks/{VM}")),
+        (Method::POST, format!("/v1/private-networks/{VM}/attach")),
+        (
+            Method::DELETE,
+            format!("/v1/private-networks/{VM}/members/{VM}"),
+        ),
+        (Method::GET, format!("/v1/vms/{VM}/status")),
+        (Method::GET, format!("/v1/vms/{VM}/status/stream")),
+        (Method::POST, format!("/v1/vms/{VM}/console")),
+        (Method::GET, "/metrics".into()),
     ];
     for action in [
         "start",
@@ -433,4 +450,168 @@ async fn templates_and_node_answer_with_an_empty_store() {
     assert_eq!(node["data"]["accelerator"], json!("kvm"));
     assert_eq!(node["data"]["instances"]["total"], json!(0));
     assert_eq!(node["data"]["allocated"]["cpu_cores"], json!(0));
+}
+
+#[tokio::test]
+async fn private_network_validation_and_unknown_ids_use_the_contract_codes() {
+    let h = harness();
+
+    let (s1, b1) = send(
+        &h,
+        request(
+            Method::POST,
+            "/v1/private-networks",
+            Some(TOKEN),
+            Body::from("{}"),
+        ),
+    )
+    .await;
+    let (s2, b2) = send(
+        &h,
+        request(
+            Method::POST,
+            "/v1/private-networks",
+            Some(TOKEN),
+            Body::from(r#"{"name": "bad<name>"}"#),
+        ),
+    )
+    .await;
+    let (s3, b3) = send(
+        &h,
+        request(
+            Method::DELETE,
+            &format!("/v1/private-networks/{VM}"),
+            Some(TOKEN),
+            Body::empty(),
+        ),
+    )
+    .await;
+    let (s4, b4) = send(
+        &h,
+        request(
+            Method::GET,
+            &format!("/v1/vms/{VM}/ips"),
+            Some(TOKEN),
+            Body::empty(),
+        ),
+    )
+    .await;
+    let (s5, status) = send(
+        &h,
+        request(
+            Method::GET,
+            "/v1/private-networks/subnets",
+            Some(TOKEN),
+            Body::empty(),
+        ),
+    )
+    .await;
+
+    assert_error(s1, &b1, 400, "MISSING_FIELDS");
+    assert_error(s2, &b2, 400, "INVALID_NAME");
+    assert_error(s3, &b3, 404, "NETWORK_NOT_FOUND");
+    assert_error(s4, &b4, 404, "VPS_NOT_FOUND");
+    assert_eq!(s5, StatusCode::OK);
+    assert_eq!(status["data"]["pool"], json!("10.240.0.0/16"));
+    assert_eq!(status["data"]["allocated"], json!(0));
+    assert_eq!(status["data"]["free"], json!(256));
+}
+
+#[tokio::test]
+async fn console_routes_refuse_bad_tickets_without_a_token_and_before_any_upgrade() {
+    let h = harness();
+    let zeros = "0".repeat(64);
+    for path in [
+        format!("/v1/console/ws?ticket={zeros}"),
+        "/v1/console/ws".to_string(),
+        "/v1/console/ws?ticket=short".to_string(),
+        format!("/console/{zeros}"),
+        format!("/console/{zeros}/novnc/core/rfb.js"),
+        format!("/console/{zeros}/novnc/../../etc/passwd"),
+    ] {
+        let (status, body) = send(&h, request(Method::GET, &path, None, Body::empty())).await;
+        assert_error(status, &body, 403, "INVALID_TICKET");
+    }
+}
+
+#[tokio::test]
+async fn status_and_console_of_unknown_vms_are_404_and_bad_input_400() {
+    let h = harness();
+    let (status, body) = send(
+        &h,
+        request(
+            Method::GET,
+            &format!("/v1/vms/{VM}/status"),
+            Some(TOKEN),
+            Body::empty(),
+        ),
+    )
+    .await;
+    assert_error(status, &body, 404, "VPS_NOT_FOUND");
+    let console = |body: &'static str| {
+        request(
+            Method::POST,
+            &format!("/v1/vms/{VM}/console"),
+            Some(TOKEN),
+            Body::from(body),
+        )
+    };
+    let (status, body) = send(&h, console(r#"{}"#)).await;
+    assert_error(status, &body, 400, "MISSING_FIELDS");
+    let (status, body) = send(&h, console(r#"{"type":"rdp"}"#)).await;
+    assert_error(status, &body, 400, "INVALID_JSON");
+    let (status, body) = send(&h, console(r#"{"type":"novnc","ttl_seconds":301}"#)).await;
+    assert_error(status, &body, 400, "INVALID_JSON");
+    let (status, body) = send(&h, console(r#"{"type":"novnc"}"#)).await;
+    assert_error(status, &body, 404, "VPS_NOT_FOUND");
+    let (status, body) = send(
+        &h,
+        request(
+            Method::GET,
+            &format!("/v1/vms/{VM}/status/stream?interval_ms=100"),
+            Some(TOKEN),
+            Body::empty(),
+        ),
+    )
+    .await;
+    assert_error(status, &body, 400, "INVALID_JSON");
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_with_request_counts() {
+    let h = harness();
+    send(
+        &h,
+        request(
+            Method::GET,
+            "/v1/vms/not-a-uuid",
+            Some(TOKEN),
+            Body::empty(),
+        ),
+    )
+    .await;
+    let resp = h
+        .router
+        .clone()
+        .oneshot(request(Method::GET, "/metrics", Some(TOKEN), Body::empty()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    assert!(
+        text.contains("# TYPE hvnode_api_requests_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"hvnode_api_requests_total{route="/v1/vms/{id}",method="GET",status="404"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains("hvnode_up 0"), "libvirt is down here: {text}");
 }

@@ -25,7 +25,8 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
         PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         HypervisorUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         StartFailed | StopFailed | RestartFailed | DeleteFailed | StatusFailed | ConsoleFailed
-        | DeploymentFailed => StatusCode::INTERNAL_SERVER_ERROR,
+        | DeploymentFailed | NetworkFailed => StatusCode::INTERNAL_SERVER_ERROR,
+        WebsocketRequired => StatusCode::UPGRADE_REQUIRED,
     }
 }
 
@@ -70,6 +71,8 @@ fn title(code: ErrorCode) -> &'static str {
         StatusFailed => "Status failed",
         ConsoleFailed => "Console failed",
         DeploymentFailed => "Deployment failed",
+        NetworkFailed => "Network configuration failed",
+        WebsocketRequired => "WebSocket upgrade required",
     }
 }
 
@@ -182,6 +185,8 @@ mod tests {
             ("STATUS_FAILED", 500),
             ("CONSOLE_FAILED", 500),
             ("DEPLOYMENT_FAILED", 500),
+            ("NETWORK_FAILED", 500),
+            ("WEBSOCKET_REQUIRED", 426),
         ];
 
         for (name, status) in expected {

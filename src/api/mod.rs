@@ -13,9 +13,12 @@
 //! 5. A panic anywhere below is caught and answered with a 500 envelope; the agent lives on.
 
 pub mod auth;
+mod console;
 pub mod error;
 pub mod extract;
+mod networks;
 mod node;
+mod status;
 mod tasks;
 mod vms;
 
@@ -26,7 +29,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
@@ -99,13 +102,50 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/vms/{id}/resume", post(vms::vm_resume))
         .route("/v1/vms/{id}/reinstall", post(vms::vm_reinstall))
         .route("/v1/vms/{id}/resize", post(vms::vm_resize))
+        .route(
+            "/v1/vms/{id}/ips",
+            get(networks::ip_list).post(networks::ip_add),
+        )
+        .route("/v1/vms/{id}/ips/{address}", delete(networks::ip_remove))
+        .route("/v1/vms/{id}/ips/{address}/move", post(networks::ip_move))
+        .route(
+            "/v1/private-networks",
+            get(networks::network_list).post(networks::network_create),
+        )
+        .route("/v1/private-networks/subnets", get(networks::subnets))
+        .route(
+            "/v1/private-networks/{id}",
+            delete(networks::network_delete),
+        )
+        .route(
+            "/v1/private-networks/{id}/attach",
+            post(networks::network_attach),
+        )
+        .route(
+            "/v1/private-networks/{id}/members/{membership_id}",
+            delete(networks::network_detach),
+        )
+        .route("/v1/vms/{id}/status", get(status::vm_status))
+        .route("/v1/vms/{id}/status/stream", get(status::vm_status_stream))
+        .route("/v1/vms/{id}/console", post(console::console_create))
+        .route("/metrics", get(status::metrics))
         .route("/v1/tasks", get(tasks::task_list))
         .route("/v1/tasks/{id}", get(tasks::task_get))
         .route_layer(middleware::from_fn_with_state(
             app.clone(),
             auth::require_auth,
-        ));
-    let public = Router::new().route("/v1/health", get(node::health));
+        ))
+        .route_layer(middleware::from_fn_with_state(app.clone(), count_requests));
+    // No bearer token: health, and the console routes, which the ticket authenticates.
+    let public = Router::new()
+        .route("/v1/health", get(node::health))
+        .route("/console/{ticket}", get(console::console_page))
+        .route(
+            "/console/{ticket}/novnc/{*path}",
+            get(console::console_asset),
+        )
+        .route("/v1/console/ws", get(console::console_ws))
+        .route_layer(middleware::from_fn_with_state(app.clone(), count_requests));
     let max_body = app.config.api.max_body_bytes;
     Router::new()
         .merge(public)
@@ -120,14 +160,30 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-async fn route_not_found(req: Request) -> ApiError {
+/// Counts every routed request by route pattern, method and status, for `/metrics`.
+async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let response = next.run(req).await;
+    app.requests
+        .record(&route, method.as_str(), response.status().as_u16());
+    response
+}
+
+async fn route_not_found(State(app): State<Arc<App>>, req: Request) -> ApiError {
+    app.requests.record("unmatched", req.method().as_str(), 404);
     ApiError::new(
         ErrorCode::RouteNotFound,
         format!("no route for {} {}", req.method(), req.uri().path()),
     )
 }
 
-async fn method_not_allowed(req: Request) -> ApiError {
+async fn method_not_allowed(State(app): State<Arc<App>>, req: Request) -> ApiError {
+    app.requests.record("unmatched", req.method().as_str(), 405);
     ApiError::new(
         ErrorCode::MethodNotAllowed,
         format!("{} is not allowed on {}", req.method(), req.uri().path()),

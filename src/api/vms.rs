@@ -64,7 +64,10 @@ pub async fn vm_deployment(State(app): State<Arc<App>>, Path(id): Path<String>) 
 }
 
 pub async fn vm_delete(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
-    Ok(ok(app.vms.delete(vm_id(&id)?).await?))
+    let id = vm_id(&id)?;
+    // Outstanding console tickets die with the VM, whatever the delete's outcome.
+    app.tickets.revoke_vm(id);
+    Ok(ok(app.vms.delete(id).await?))
 }
 
 async fn power(app: &App, id: &str, action: Action, stop: StopOptions) -> ApiResult {

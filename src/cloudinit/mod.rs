@@ -48,6 +48,7 @@ pub struct NicConfig {
     pub gateway4: Option<IpAddr>,
     pub gateway6: Option<IpAddr>,
     pub dns: Vec<IpAddr>,
+    pub mtu: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +153,9 @@ fn ethernets(nics: &[NicConfig]) -> Value {
         if !routes.is_empty() {
             entry["routes"] = json!(routes);
         }
+        if let Some(mtu) = nic.mtu {
+            entry["mtu"] = json!(mtu);
+        }
         if !nic.dns.is_empty() {
             entry["nameservers"] = json!({
                 "addresses": nic.dns.iter().map(|a| a.to_string()).collect::<Vec<_>>()
@@ -190,6 +194,7 @@ mod tests {
             gateway4: Some("203.0.113.1".parse().unwrap()),
             gateway6: None,
             dns: vec!["1.1.1.1".parse().unwrap()],
+            mtu: None,
         }]
     }
 

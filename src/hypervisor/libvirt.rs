@@ -16,7 +16,8 @@ use virt::error::{Error as VirtError, ErrorDomain, ErrorNumber};
 use virt::sys;
 
 use super::{
-    DomainSummary, Hypervisor, HypervisorError, PowerState, Result, Versions, METADATA_NS,
+    stats, ConsoleSession, DomainStats, DomainSummary, Hypervisor, HypervisorError, PowerState,
+    Result, Versions, METADATA_NS,
 };
 
 type Slot = Arc<Mutex<Option<Connect>>>;
@@ -326,12 +327,168 @@ impl Hypervisor for Libvirt {
         self.with_domain("dumpxml", id, |d| d.xml_desc(0)).await
     }
 
+    async fn attach_device_live(&self, id: Uuid, xml: String) -> Result<()> {
+        self.with_domain("attach device", id, move |d| {
+            d.attach_device_flags(&xml, sys::VIR_DOMAIN_AFFECT_LIVE)
+        })
+        .await
+    }
+
+    async fn detach_device_live(&self, id: Uuid, xml: String) -> Result<()> {
+        self.with_domain("detach device", id, move |d| {
+            d.detach_device_flags(&xml, sys::VIR_DOMAIN_AFFECT_LIVE)
+        })
+        .await
+    }
+
     async fn grow_disk_live(&self, id: Uuid, target: &str, bytes: u64) -> Result<()> {
         let target = target.to_owned();
         self.with_domain("block resize", id, move |d| {
             d.block_resize(&target, bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
         })
         .await
+    }
+
+    async fn all_stats(&self) -> Result<Vec<DomainStats>> {
+        self.with_conn("domain stats", |c| {
+            // SAFETY: c is an open connection for the duration of the call.
+            unsafe { stats::collect(c.as_ptr()) }.map_err(|()| VirtError::last_error())
+        })
+        .await
+    }
+
+    async fn qmp_status(&self, id: Uuid) -> Result<String> {
+        let reply = self
+            .with_domain("query-status", id, |d| {
+                d.qemu_monitor_command(
+                    r#"{"execute":"query-status"}"#,
+                    sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT,
+                )
+            })
+            .await?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&reply).map_err(|e| HypervisorError::Failed {
+                op: "query-status",
+                message: format!("unparseable reply: {e}"),
+            })?;
+        parsed["return"]["status"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| HypervisorError::Failed {
+                op: "query-status",
+                message: format!("reply without a status: {reply}"),
+            })
+    }
+
+    async fn open_graphics(&self, id: Uuid) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        let fd = self
+            .with_domain("open graphics", id, |d| {
+                d.open_graphics_fd(0, sys::VIR_DOMAIN_OPEN_GRAPHICS_SKIPAUTH)
+            })
+            .await?;
+        // SAFETY: libvirt hands us a fresh descriptor that nothing else owns.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    async fn open_serial(&self, id: Uuid) -> Result<ConsoleSession> {
+        let uri = self.uri.clone();
+        tokio::task::spawn_blocking(move || serial::open(&uri, id))
+            .await
+            .map_err(|e| HypervisorError::Failed {
+                op: "open console",
+                message: format!("worker panicked: {e}"),
+            })?
+    }
+}
+
+/// Serial consoles over libvirt streams.
+///
+/// Each session gets its own connection (a blocked stream read must not hold up the pooled
+/// connections' other calls) and two threads: one blocks in `virStreamRecv` and forwards
+/// what the guest prints, the other forwards input. When the input side is dropped the
+/// stream is aborted, which wakes the reader; when the guest side ends, the output channel
+/// closes. The channels are bounded, so a slow client slows the reader down instead of
+/// letting output pile up.
+mod serial {
+    use std::sync::Arc;
+
+    use tokio::sync::mpsc;
+    use uuid::Uuid;
+    use virt::connect::Connect;
+    use virt::stream::Stream;
+    use virt::sys;
+
+    use super::super::{ConsoleSession, HypervisorError, Result};
+
+    struct Session {
+        stream: Stream,
+        // Keeps the connection open as long as the stream lives.
+        _conn: Connect,
+    }
+
+    pub fn open(uri: &str, id: Uuid) -> Result<ConsoleSession> {
+        let failed = |e: virt::error::Error| HypervisorError::Failed {
+            op: "open console",
+            message: e.message().to_owned(),
+        };
+        let conn = Connect::open(Some(uri)).map_err(|e| HypervisorError::Unavailable {
+            uri: uri.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        let dom = conn
+            .lookup_domain_by_uuid_string(&id.to_string())
+            .map_err(|_| HypervisorError::NoDomain(id))?;
+        let stream = Stream::new(&conn, 0).map_err(failed)?;
+        // FORCE: a console left open by a vanished client must not lock the customer out.
+        dom.open_console(None, &stream, sys::VIR_DOMAIN_CONSOLE_FORCE)
+            .map_err(failed)?;
+        let session = Arc::new(Session {
+            stream,
+            _conn: conn,
+        });
+        let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(64);
+        let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(64);
+
+        let reader = session.clone();
+        std::thread::Builder::new()
+            .name("hvnode-serial-rx".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = reader.stream.recv(&mut buf) {
+                    if n <= 0 || out_tx.blocking_send(buf[..n as usize].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| HypervisorError::Failed {
+                op: "open console",
+                message: e.to_string(),
+            })?;
+        std::thread::Builder::new()
+            .name("hvnode-serial-tx".into())
+            .spawn(move || {
+                'input: while let Some(data) = in_rx.blocking_recv() {
+                    let mut rest = &data[..];
+                    while !rest.is_empty() {
+                        match session.stream.send(rest) {
+                            Ok(n) if n > 0 => rest = &rest[n as usize..],
+                            _ => break 'input,
+                        }
+                    }
+                }
+                // SAFETY: the stream is valid while `session` lives; aborting wakes the
+                // reader blocked in virStreamRecv.
+                unsafe { sys::virStreamAbort(session.stream.as_ptr()) };
+            })
+            .map_err(|e| HypervisorError::Failed {
+                op: "open console",
+                message: e.to_string(),
+            })?;
+        Ok(ConsoleSession {
+            from_guest: out_rx,
+            to_guest: in_tx,
+        })
     }
 }
 

@@ -7,6 +7,7 @@
 //! so the agent keeps serving (health reports `degraded`) while libvirt is away.
 
 mod libvirt;
+mod stats;
 
 use async_trait::async_trait;
 use uuid::Uuid;
@@ -58,6 +59,37 @@ pub enum HypervisorError {
 
 pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;
 
+/// One running domain's counters, from libvirt's bulk stats call. Memory figures are KiB
+/// as libvirt reports them; the guest-reported ones exist only when the guest's balloon
+/// driver sends statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainStats {
+    pub id: Uuid,
+    pub state: PowerState,
+    /// Total CPU time consumed by the domain, in nanoseconds.
+    pub cpu_time_ns: u64,
+    pub vcpus: u32,
+    pub balloon_current_kib: u64,
+    pub balloon_maximum_kib: u64,
+    pub guest_available_kib: Option<u64>,
+    pub guest_usable_kib: Option<u64>,
+    pub guest_unused_kib: Option<u64>,
+    pub rss_kib: Option<u64>,
+    /// Summed over the domain's disks.
+    pub block_read_bytes: u64,
+    pub block_write_bytes: u64,
+    /// Summed over its NICs, from the guest's point of view (rx = received by the guest).
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+}
+
+/// A serial console session: bytes from the guest arrive on `from_guest` (closed when the
+/// console ends); bytes sent on `to_guest` reach it. Dropping `to_guest` ends the session.
+pub struct ConsoleSession {
+    pub from_guest: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    pub to_guest: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
     fn uri(&self) -> &str;
@@ -89,6 +121,20 @@ pub trait Hypervisor: Send + Sync {
     async fn list_domains(&self) -> Result<Vec<DomainSummary>>;
     /// The domain's current live XML.
     async fn domain_xml(&self, id: Uuid) -> Result<String>;
+    /// Hot-plugs a device (`<interface>`…) into the running domain only; the persistent
+    /// definition is the caller's to update.
+    async fn attach_device_live(&self, id: Uuid, xml: String) -> Result<()>;
+    async fn detach_device_live(&self, id: Uuid, xml: String) -> Result<()>;
     /// Grows a running domain's disk (`vda`, …) to `bytes`; the guest sees it at once.
     async fn grow_disk_live(&self, id: Uuid, target: &str, bytes: u64) -> Result<()>;
+    /// Counters of every running domain in one call. Domains busy with another job are
+    /// left out of this sweep instead of waiting for them.
+    async fn all_stats(&self) -> Result<Vec<DomainStats>>;
+    /// QEMU's own run state (`query-status`: "running", "paused", "io-error", …), through
+    /// libvirt's monitor passthrough.
+    async fn qmp_status(&self, id: Uuid) -> Result<String>;
+    /// A socket connected to the domain's VNC server (no TCP listener involved).
+    async fn open_graphics(&self, id: Uuid) -> Result<std::os::fd::OwnedFd>;
+    /// The domain's serial console, through a libvirt stream.
+    async fn open_serial(&self, id: Uuid) -> Result<ConsoleSession>;
 }

@@ -1,16 +1,56 @@
-//! Networking: which addresses and MACs a VM gets, and reaching guests in the data plane.
+//! Networking: which addresses and MACs a VM gets, and the host side of its NICs.
 //!
-//! `ipam` hands out public addresses from the configured pool; allocations live in the store
-//! and are taken inside the same transaction that admits a VM, so one address can never go
-//! to two VMs, across restarts and crashes included. `netns` runs socket work inside the
-//! data-plane namespace (`network.netns`), where bridges, taps and guest addresses live.
+//! - `ipam` hands out public addresses from the configured pools; allocations live in the
+//!   store and are taken inside the same transaction that admits a VM or adds an address,
+//!   so one address never goes to two VMs, restarts and crashes included.
+//! - `private` allocates private networks' subnets and VNIs.
+//! - The host side, all through netlink in the data-plane namespace (`network.netns`):
+//!   `netlink` (public bridge and uplink, per-network bridges with their VXLAN or VLAN
+//!   device and flood entries, IFB devices), `tc` (bandwidth limits on taps) and `nft`
+//!   (anti-spoofing filters).
+//!
+//! `NetworkManager::apply` makes the host match a `DesiredNetwork` computed from the store:
+//! it is what runs after a VM starts, after a NIC or address changes, and at startup, when
+//! after a host reboot nothing is configured. It creates what is missing, fixes what
+//! drifted and removes what no VM or network needs any more (leftover IFBs, bridges and
+//! VXLANs with hvnode's prefixes), so running it twice changes nothing.
 
 pub mod ipam;
+pub mod netlink;
 pub mod netns;
+pub mod nft;
+pub mod private;
+pub mod tc;
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use rand::Rng;
+
+use crate::config::NetworkConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("netlink {op} failed: {message}")]
+    Netlink { op: &'static str, message: String },
+    #[error("no network interface {0}")]
+    NoLink(String),
+    #[error("network namespace: {0}")]
+    Namespace(String),
+    #[error("cannot {op}: {source}")]
+    Io {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl NetworkError {
+    pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> NetworkError {
+        move |source| NetworkError::Io { op, source }
+    }
+}
 
 /// An address as an integer, for range arithmetic on IPv4 and IPv6 alike.
 pub fn ip_to_u128(addr: IpAddr) -> u128 {
@@ -26,11 +66,293 @@ pub fn random_mac() -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
-/// Host-side name of a VM's tap: `vh` + 12 hex digits of its id + the NIC index. 15 chars
-/// max (IFNAMESIZ), unique per VM, and recognisably ours.
+/// Host-side name of a VM's tap: `vh` + 12 hex digits of its id + the NIC index (0 public,
+/// 1-9 private). 15 characters (IFNAMSIZ), unique per VM, recognisably ours.
 pub fn tap_name(vm: uuid::Uuid, nic: u8) -> String {
     let hex = vm.simple().to_string();
     format!("vh{}{}", &hex[..12], nic % 10)
+}
+
+/// The IFB device shaping a tap's uploads: `vb` + the same suffix.
+pub fn ifb_name(vm: uuid::Uuid, nic: u8) -> String {
+    let hex = vm.simple().to_string();
+    format!("vb{}{}", &hex[..12], nic % 10)
+}
+
+/// The bridge of a private network: `hvp` + VNI.
+pub fn private_bridge(vni: u32) -> String {
+    format!("hvp{vni}")
+}
+
+/// The VXLAN (or VLAN) device carrying a private network to other hosts.
+pub fn private_tunnel(vni: u32) -> String {
+    format!("hvx{vni}")
+}
+
+/// One VM NIC as the host should have it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicSpec {
+    pub tap: String,
+    pub ifb: String,
+    pub mac: String,
+    pub bridge: String,
+    pub addresses: Vec<IpAddr>,
+    /// Shaping in Mbit/s, both directions.
+    pub bandwidth_mbps: Option<u32>,
+}
+
+impl NicSpec {
+    fn port(&self) -> Option<nft::Port> {
+        let mac = nft::parse_mac(&self.mac)?;
+        let mut port = nft::Port {
+            tap: self.tap.clone(),
+            mac,
+            v4: Vec::new(),
+            v6: Vec::new(),
+        };
+        for a in &self.addresses {
+            match a {
+                IpAddr::V4(v) => port.v4.push(*v),
+                IpAddr::V6(v) => port.v6.push(*v),
+            }
+        }
+        Some(port)
+    }
+}
+
+/// A private network as the host should carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentSpec {
+    pub vni: u32,
+}
+
+/// Everything the host's network should hold, computed from the store.
+#[derive(Debug, Clone, Default)]
+pub struct DesiredNetwork {
+    /// NICs of every VM the agent knows (running or not).
+    pub nics: Vec<NicSpec>,
+    pub segments: Vec<SegmentSpec>,
+}
+
+/// What `apply` did, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Applied {
+    pub bridges_created: Vec<String>,
+    pub ports_attached: Vec<String>,
+    pub limits_applied: Vec<String>,
+    pub removed: Vec<String>,
+    pub filter_ports: usize,
+}
+
+#[derive(Clone)]
+pub struct NetworkManager {
+    config: NetworkConfig,
+}
+
+impl NetworkManager {
+    pub fn new(config: NetworkConfig) -> NetworkManager {
+        NetworkManager { config }
+    }
+
+    pub fn config(&self) -> &NetworkConfig {
+        &self.config
+    }
+
+    /// Makes the host's bridges, ports, limits and filters match `desired`, and removes
+    /// what nothing in it needs.
+    pub async fn apply(&self, desired: &DesiredNetwork) -> Result<Applied, NetworkError> {
+        let h = netlink::open(&self.config.netns)?;
+        let mut done = Applied::default();
+        let before = link_names(&h).await?;
+
+        // The public bridge and its uplink.
+        netlink::ensure_bridge(&h, &self.config.bridge).await?;
+        if !before.contains(&self.config.bridge) {
+            done.bridges_created.push(self.config.bridge.clone());
+        }
+        if !self.config.uplink.is_empty() {
+            netlink::ensure_port(&h, &self.config.uplink, &self.config.bridge).await?;
+        }
+
+        self.attach_with(&h, desired, &before, &mut done).await?;
+
+        // Leftovers of VMs and networks that are gone.
+        let wanted: HashSet<String> = desired
+            .nics
+            .iter()
+            .map(|n| n.ifb.clone())
+            .chain(
+                desired
+                    .segments
+                    .iter()
+                    .flat_map(|s| [private_bridge(s.vni), private_tunnel(s.vni)]),
+            )
+            .collect();
+        for name in before.iter().filter(|_| self.config.remove_leftovers) {
+            let ours = (name.starts_with("vb") && name.len() == 15)
+                || name.starts_with("hvp")
+                || name.starts_with("hvx");
+            if ours && !wanted.contains(name) {
+                netlink::delete_link(&h, name).await?;
+                done.removed.push(name.clone());
+            }
+        }
+
+        done.filter_ports = self.apply_filters(desired).await?;
+        Ok(done)
+    }
+
+    /// Creates `desired`'s segments, and puts its taps that exist on their bridges with their
+    /// limits. Touches nothing else.
+    pub async fn attach(&self, desired: &DesiredNetwork) -> Result<Applied, NetworkError> {
+        let h = netlink::open(&self.config.netns)?;
+        let before = link_names(&h).await?;
+        let mut done = Applied::default();
+        self.attach_with(&h, desired, &before, &mut done).await?;
+        Ok(done)
+    }
+
+    async fn attach_with(
+        &self,
+        h: &rtnetlink::Handle,
+        desired: &DesiredNetwork,
+        before: &HashSet<String>,
+        done: &mut Applied,
+    ) -> Result<(), NetworkError> {
+        for seg in &desired.segments {
+            self.ensure_segment(h, seg, done, before).await?;
+        }
+        // Taps exist while their VM runs.
+        for nic in &desired.nics {
+            if !before.contains(&nic.tap) {
+                continue;
+            }
+            netlink::ensure_port(h, &nic.tap, &nic.bridge).await?;
+            done.ports_attached.push(nic.tap.clone());
+            match nic.bandwidth_mbps {
+                Some(mbps) => {
+                    tc::limit(h, &nic.tap, &nic.ifb, mbps).await?;
+                    done.limits_applied.push(nic.tap.clone());
+                }
+                None => tc::unlimit(h, &nic.tap, &nic.ifb).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_segment(
+        &self,
+        h: &rtnetlink::Handle,
+        seg: &SegmentSpec,
+        done: &mut Applied,
+        before: &HashSet<String>,
+    ) -> Result<(), NetworkError> {
+        let p = &self.config.private;
+        let bridge = private_bridge(seg.vni);
+        netlink::ensure_bridge(h, &bridge).await?;
+        if !before.contains(&bridge) {
+            done.bridges_created.push(bridge.clone());
+        }
+        let tunnel = private_tunnel(seg.vni);
+        if !p.vlan_trunk.is_empty() {
+            let vlan = u16::try_from(seg.vni)
+                .ok()
+                .filter(|v| (1..=4094).contains(v))
+                .ok_or_else(|| {
+                    NetworkError::Unsupported(format!(
+                        "network {} cannot ride an 802.1Q trunk: VLAN ids are 1-4094",
+                        seg.vni
+                    ))
+                })?;
+            return netlink::ensure_vlan(h, &tunnel, &p.vlan_trunk, vlan, &bridge)
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    NetworkError::Unsupported(format!(
+                        "cannot create 802.1Q sub-interface {tunnel} on trunk {} ({e}); this \
+                         kernel may lack 802.1Q support: use VXLAN (network.private.underlay)",
+                        p.vlan_trunk
+                    ))
+                });
+        }
+        if p.underlay.is_empty() {
+            return Ok(());
+        }
+        let Some(local) = p.local_ip else {
+            return Ok(());
+        };
+        let vx =
+            netlink::ensure_vxlan(h, &tunnel, seg.vni, local, &p.underlay, p.mtu, &bridge).await?;
+        for peer in &p.peers {
+            netlink::fdb_append_flood(h, vx, *peer).await?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the anti-spoofing table from `desired`; returns the number of ports.
+    pub async fn apply_filters(&self, desired: &DesiredNetwork) -> Result<usize, NetworkError> {
+        if !self.config.filter {
+            nft::Batch::remove_table(&self.config.filter_table)
+                .commit(&self.config.netns)
+                .await?;
+            return Ok(0);
+        }
+        let ports: Vec<nft::Port> = desired.nics.iter().filter_map(NicSpec::port).collect();
+        let n = ports.len();
+        nft::Batch::rebuild(&self.config.filter_table, &ports)
+            .commit(&self.config.netns)
+            .await?;
+        Ok(n)
+    }
+
+    /// Changes one NIC's allowed addresses in place (the table must exist).
+    pub async fn update_addresses(&self, nic: &NicSpec) -> Result<(), NetworkError> {
+        if !self.config.filter {
+            return Ok(());
+        }
+        let Some(port) = nic.port() else {
+            return Ok(());
+        };
+        nft::Batch::addresses(&self.config.filter_table, &port)
+            .commit(&self.config.netns)
+            .await
+    }
+
+    /// Makes the host forget where `addr` was (it moved to another MAC, or went away).
+    pub async fn forget_neighbour(&self, addr: IpAddr) -> Result<(), NetworkError> {
+        let h = netlink::open(&self.config.netns)?;
+        netlink::forget_neighbour(&h, addr).await
+    }
+
+    /// Removes a private segment's bridge and tunnel.
+    pub async fn remove_segment(&self, vni: u32) -> Result<(), NetworkError> {
+        let h = netlink::open(&self.config.netns)?;
+        netlink::delete_link(&h, &private_tunnel(vni)).await?;
+        netlink::delete_link(&h, &private_bridge(vni)).await
+    }
+
+    /// Ensures one segment (before a VM NIC is plugged into it).
+    pub async fn ensure_segment_now(&self, vni: u32) -> Result<(), NetworkError> {
+        let h = netlink::open(&self.config.netns)?;
+        let before = link_names(&h).await?;
+        let mut done = Applied::default();
+        self.ensure_segment(&h, &SegmentSpec { vni }, &mut done, &before)
+            .await
+    }
+
+    /// Removes the shaping of a VM's NIC (the VM is being deleted).
+    pub async fn remove_nic(&self, nic: &NicSpec) -> Result<(), NetworkError> {
+        let h = netlink::open(&self.config.netns)?;
+        tc::unlimit(&h, &nic.tap, &nic.ifb).await
+    }
+}
+
+async fn link_names(h: &rtnetlink::Handle) -> Result<HashSet<String>, NetworkError> {
+    Ok(netlink::links(h)
+        .await?
+        .into_iter()
+        .map(|l| l.name)
+        .collect())
 }
 
 #[cfg(test)]
@@ -38,11 +360,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tap_names_fit_ifnamsiz() {
-        let name = tap_name(uuid::Uuid::new_v4(), 0);
+    fn tap_and_ifb_names_fit_ifnamsiz() {
+        let id = uuid::Uuid::new_v4();
 
-        assert_eq!(name.len(), 15);
-        assert!(name.starts_with("vh"));
+        assert_eq!(tap_name(id, 0).len(), 15);
+        assert_eq!(ifb_name(id, 3).len(), 15);
+        assert!(tap_name(id, 0).starts_with("vh"));
+        assert!(ifb_name(id, 0).starts_with("vb"));
+        assert!(private_bridge(16_777_215).len() <= 15);
     }
 
     #[test]
@@ -51,5 +376,25 @@ mod tests {
 
         assert!(mac.starts_with("52:54:00:"));
         assert_eq!(mac.len(), 17);
+    }
+
+    #[test]
+    fn a_nic_spec_becomes_a_filter_port_with_its_families_split() {
+        let nic = NicSpec {
+            tap: "vh0123456789ab0".into(),
+            ifb: "vb0123456789ab0".into(),
+            mac: "52:54:00:12:34:56".into(),
+            bridge: "br-public".into(),
+            addresses: vec![
+                "203.0.113.10".parse().unwrap(),
+                "2001:db8::10".parse().unwrap(),
+            ],
+            bandwidth_mbps: None,
+        };
+
+        let port = nic.port().unwrap();
+
+        assert_eq!(port.v4.len(), 1);
+        assert_eq!(port.v6.len(), 1);
     }
 }

@@ -8,6 +8,7 @@
 //! with respect to concurrent requests. The schema is versioned by `PRAGMA user_version` and
 //! migrated forward at open.
 
+pub mod networks;
 mod schema;
 pub mod tasks;
 pub mod vms;
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 
+pub use networks::{MemberRow, NetworkRow};
 pub use tasks::{NewTask, StepRow, StepState, TaskFilter, TaskRow, TaskState};
 pub use vms::{Allocation, IpAllocation, VmRow, VmRowState};
 

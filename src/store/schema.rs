@@ -83,6 +83,27 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX webhooks_due ON webhooks(next_attempt_ms)
         WHERE delivered_at IS NULL AND abandoned_at IS NULL;",
+    // 3: private networks and their members.
+    "CREATE TABLE private_networks (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        vni INTEGER NOT NULL UNIQUE,
+        subnet TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE memberships (
+        id TEXT PRIMARY KEY,
+        network_id TEXT NOT NULL REFERENCES private_networks(id),
+        vps_id TEXT NOT NULL,
+        address TEXT NOT NULL,
+        mac TEXT NOT NULL UNIQUE,
+        nic INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        UNIQUE (network_id, vps_id),
+        UNIQUE (network_id, address),
+        UNIQUE (vps_id, nic)
+    );
+    CREATE INDEX memberships_by_vps ON memberships(vps_id);",
 ];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {

@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::model::{
-    domain_name, CreateAccepted, CreateVmRequest, VmSpec, VmStatus, CREATE_STEPS, PRIMARY_ADAPTER,
-};
+use super::model::{domain_name, CreateAccepted, CreateVmRequest, VmSpec, VmStatus, CREATE_STEPS};
+use super::net::{self, VmNet};
 use super::{domain_xml, readiness, validate, Ctx, Op, VmError, VmManager};
-use crate::cloudinit::{self, NicConfig, SeedInput};
+use crate::cloudinit::{self, SeedInput};
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::network::{self, ipam::IpamError};
 use crate::store::{self, NewTask, VmRow, VmRowState};
@@ -121,6 +120,7 @@ async fn admit(
     password_hash: String,
 ) -> Result<VmRow, VmError> {
     let pool = ctx.pool.clone();
+    let pool6 = ctx.pool6.clone();
     let host = ctx.host;
     let capacity = ctx.config.capacity.clone();
     let spec = spec.clone();
@@ -143,6 +143,10 @@ async fn admit(
                 .collect();
             let ip = match pool.choose(spec.ip_address, &taken) {
                 Ok(ip) => ip,
+                Err(e) => return Ok(Err(VmError::Ip(e))),
+            };
+            let ip6 = match pool6.as_ref().map(|p| p.choose(None, &taken)).transpose() {
+                Ok(ip6) => ip6,
                 Err(e) => return Ok(Err(VmError::Ip(e))),
             };
             let mut mac = network::random_mac();
@@ -172,6 +176,9 @@ async fn admit(
             };
             store::vms::insert(&tx, &vm)?;
             store::vms::insert_ip(&tx, ip, vm.id, "primary", &now)?;
+            if let Some(ip6) = ip6 {
+                store::vms::insert_ip(&tx, ip6, vm.id, "primary", &now)?;
+            }
             store::tasks::insert(
                 &tx,
                 &NewTask {
@@ -268,9 +275,10 @@ impl CreateOp {
             .map_err(|e| VmError::storage(Op::Deploy, e))
     }
 
+    /// The domain, and the anti-spoofing rules its NICs will meet from their first packet.
     async fn configure_hardware(&self, vm: &VmRow) -> Result<(), VmError> {
-        let xml = domain_xml_for(&self.ctx, vm);
-        self.ctx.hv.define(xml).await.map_err(|e| self.hv(e))
+        define(&self.ctx, vm, Op::Deploy).await?;
+        net::refresh_filters(&self.ctx, &[], Op::Deploy).await
     }
 
     async fn apply_cloud_init(&self, vm: &VmRow) -> Result<(), VmError> {
@@ -377,8 +385,8 @@ fn deployment_webhook(
     })
 }
 
-/// The domain XML of `vm` as configured now.
-pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow) -> String {
+/// The domain XML of `vm` with the NICs of `net`.
+pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> String {
     let lv = &ctx.config.libvirt;
     let dir = ctx.disks.dir(vm.id);
     let (disk, seed, nvram) = (
@@ -386,12 +394,15 @@ pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow) -> String {
         ctx.disks.seed_path(vm.id),
         dir.join("nvram.fd"),
     );
-    let tap = network::tap_name(vm.id, 0);
-    let nics = [domain_xml::Nic {
-        mac: &vm.mac,
-        bridge: &ctx.config.network.bridge,
-        tap: &tap,
-    }];
+    let specs = net.all();
+    let nics: Vec<domain_xml::Nic<'_>> = specs
+        .iter()
+        .map(|n| domain_xml::Nic {
+            mac: &n.mac,
+            bridge: &n.bridge,
+            tap: &n.tap,
+        })
+        .collect();
     let cpu_mode = match lv.accelerator {
         crate::config::Accelerator::Tcg => None,
         crate::config::Accelerator::Kvm => {
@@ -417,21 +428,28 @@ pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow) -> String {
     })
 }
 
+/// Defines (or redefines) the persistent domain of `vm` as the store describes it.
+pub(crate) async fn define(ctx: &Ctx, vm: &VmRow, op: Op) -> Result<(), VmError> {
+    let net = net::load(ctx, vm).await?;
+    ctx.hv
+        .define(domain_xml_for(ctx, vm, &net))
+        .await
+        .map_err(|e| VmError::hypervisor(op, e))
+}
+
+/// Starts the domain and puts its fresh taps on their bridges with their limits.
+pub(crate) async fn start_domain(ctx: &Ctx, vm: &VmRow, op: Op) -> Result<(), VmError> {
+    ctx.hv
+        .start(vm.id)
+        .await
+        .map_err(|e| VmError::hypervisor(op, e))?;
+    net::plug(ctx, vm, op).await
+}
+
 /// Renders and writes the VM's cloud-init seed.
 pub(crate) async fn write_seed(ctx: &Ctx, vm: &VmRow) -> Result<(), VmError> {
-    let pool = ctx.pool.config();
-    let addresses = vm
-        .ip_address
-        .map(|ip| vec![format!("{ip}/{}", ctx.pool.prefix())])
-        .unwrap_or_default();
-    let nics = [NicConfig {
-        name: PRIMARY_ADAPTER.into(),
-        mac: vm.mac.clone(),
-        addresses,
-        gateway4: pool.gateway.is_ipv4().then_some(pool.gateway),
-        gateway6: pool.gateway.is_ipv6().then_some(pool.gateway),
-        dns: pool.dns.clone(),
-    }];
+    let net = net::load(ctx, vm).await?;
+    let nics = net::seed_nics(ctx, &net);
     let docs = cloudinit::render(&SeedInput {
         instance_id: &vm.instance_id,
         hostname: &vm.hostname,
@@ -512,7 +530,17 @@ impl Operation for CreateOp {
                     .remove_all(id)
                     .await
                     .map_err(|e| VmError::storage(Op::Deploy, e))?,
-                "configure_hardware" => remove_domain(ctx, id, Op::Deploy).await?,
+                "configure_hardware" => {
+                    remove_domain(ctx, id, Op::Deploy).await?;
+                    net::refresh_filters(ctx, &[id], Op::Deploy).await?;
+                }
+                "configure_network" => {
+                    let vm = ctx.vm(id).await?;
+                    let nics = net::load(ctx, &vm).await?;
+                    for nic in nics.all() {
+                        let _ = ctx.net.remove_nic(&nic).await;
+                    }
+                }
                 "apply_cloud_init" => {
                     crate::storage::remove_file_if_exists(&ctx.disks.seed_path(id))
                         .await

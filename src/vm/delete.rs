@@ -8,7 +8,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::model::Deleted;
-use super::{create::remove_domain, Ctx, Op, VmError, VmManager};
+use super::{create::remove_domain, net, Ctx, Op, VmError, VmManager};
 use crate::store;
 use crate::tasks::{BoxFuture, Operation, StepCtx};
 
@@ -17,6 +17,7 @@ const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 pub(crate) const DELETE_STEPS: &[&str] = &[
     "remove_domain",
+    "remove_network",
     "remove_disks",
     "release_ips",
     "remove_record",
@@ -81,6 +82,20 @@ impl Operation for DeleteOp {
             let (ctx, id) = (&self.ctx, self.id);
             match step {
                 "remove_domain" => remove_domain(ctx, id, Op::Delete).await,
+                "remove_network" => {
+                    if let Ok(vm) = ctx.vm(id).await {
+                        for nic in net::load(ctx, &vm).await?.all() {
+                            ctx.net
+                                .remove_nic(&nic)
+                                .await
+                                .map_err(|e| VmError::Failed {
+                                    op: Op::Delete,
+                                    message: e.to_string(),
+                                })?;
+                        }
+                    }
+                    net::refresh_filters(ctx, &[id], Op::Delete).await
+                }
                 "remove_disks" => ctx
                     .disks
                     .remove_all(id)

@@ -41,6 +41,10 @@ pub struct DomainSpec<'a> {
     pub nics: &'a [Nic<'a>],
 }
 
+/// Root ports: ~7 devices of a VM (disks, NICs, balloon, RNG, serial, USB) plus room for
+/// hot-plugged NICs.
+const ROOT_PORTS: usize = 14;
+
 /// Escapes text for an XML attribute value or text node.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -140,13 +144,14 @@ pub fn render(spec: &DomainSpec<'_>) -> String {
         let _ = writeln!(x, "      <model type='virtio'/>");
         let _ = writeln!(x, "    </interface>");
     }
-    // Spare PCIe root ports so NICs can be hot-plugged later (private networks); the root
-    // complex must be declared before them.
+    // PCIe root ports for every device above plus spares, so that NICs can be hot-plugged
+    // later (private networks): on q35 each device takes a port of its own. The root complex
+    // must be declared before them.
     let _ = writeln!(
         x,
         "    <controller type='pci' index='0' model='pcie-root'/>"
     );
-    for _ in 0..4 {
+    for _ in 0..ROOT_PORTS {
         let _ = writeln!(x, "    <controller type='pci' model='pcie-root-port'/>");
     }
     let _ = writeln!(

@@ -18,6 +18,8 @@ pub enum Op {
     Action(Action),
     Delete,
     Status,
+    /// Addresses, private networks.
+    Network,
 }
 
 impl Op {
@@ -29,6 +31,7 @@ impl Op {
             Op::Action(Action::Restart | Action::Reset) => ErrorCode::RestartFailed,
             Op::Delete => ErrorCode::DeleteFailed,
             Op::Status => ErrorCode::StatusFailed,
+            Op::Network => ErrorCode::NetworkFailed,
         }
     }
 
@@ -38,6 +41,7 @@ impl Op {
             Op::Action(a) => a.as_str(),
             Op::Delete => "delete",
             Op::Status => "read status of",
+            Op::Network => "change the network of",
         }
     }
 }
@@ -69,6 +73,16 @@ pub enum VmError {
     Internal(String),
     #[error("cancelled: the VPS is being deleted")]
     Cancelled,
+    #[error("address {0} does not belong to this VPS")]
+    IpNotFound(String),
+    #[error("{0} is the VPS's primary address; it can only go with the VPS")]
+    PrimaryIp(std::net::IpAddr),
+    #[error("private network {0} not found")]
+    NetworkNotFound(String),
+    #[error("host network configuration failed: {0}")]
+    NetworkFailed(String),
+    #[error("{0}")]
+    PoolExhausted(String),
     /// A failure read back from the task journal.
     #[error("{message}")]
     Recorded { code: ErrorCode, message: String },
@@ -91,6 +105,11 @@ impl VmError {
             VmError::Failed { op, .. } => op.failed_code(),
             VmError::Internal(_) => ErrorCode::DeploymentFailed,
             VmError::Cancelled => ErrorCode::InvalidState,
+            VmError::IpNotFound(_) => ErrorCode::IpNotFound,
+            VmError::PrimaryIp(_) => ErrorCode::PrimaryIp,
+            VmError::NetworkNotFound(_) => ErrorCode::NetworkNotFound,
+            VmError::NetworkFailed(_) => ErrorCode::NetworkFailed,
+            VmError::PoolExhausted(_) => ErrorCode::IpPoolExhausted,
             VmError::Recorded { code, .. } => *code,
         }
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use super::create::start_domain;
 use super::model::{ActionResult, VmStatus};
 use super::state::{self, Action, Decision, Refusal};
 use super::{Ctx, Op, VmError, VmManager};
@@ -173,7 +174,8 @@ impl Operation for PowerOp {
             let hv = &self.ctx.hv;
             match step {
                 "start_vm" => {
-                    hv.start(self.id).await.map_err(|e| self.hv(e))?;
+                    let vm = self.ctx.vm(self.id).await?;
+                    start_domain(&self.ctx, &vm, Op::Action(self.action)).await?;
                     self.expect(PowerState::Running).await
                 }
                 "stop_vm" => self.stop_vm().await,

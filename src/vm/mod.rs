@@ -24,8 +24,11 @@ mod create;
 mod delete;
 pub mod domain_xml;
 mod error;
+pub mod ips;
 mod lifecycle;
 pub mod model;
+mod net;
+pub mod private_nets;
 mod query;
 mod readiness;
 mod recover;
@@ -41,6 +44,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::hypervisor::Hypervisor;
 use crate::network::ipam::Pool;
+use crate::network::NetworkManager;
 use crate::node::HostFacts;
 use crate::storage::{Disks, ImageStore};
 use crate::store::{self, NewTask, Store};
@@ -49,6 +53,7 @@ use crate::tasks::{Claim, TaskEngine};
 
 pub use error::{Op, VmError};
 pub use lifecycle::StopOptions;
+pub use model::VmStatus;
 pub use query::InstanceCounts;
 pub use recover::Reconciliation;
 
@@ -60,9 +65,14 @@ pub(crate) struct Ctx {
     pub images: ImageStore,
     pub disks: Disks,
     pub pool: Pool,
+    /// The IPv6 pool, when configured: every VM then also gets a primary IPv6 address.
+    pub pool6: Option<Pool>,
     pub engine: TaskEngine,
     pub host: HostFacts,
     pub outbox: Outbox,
+    pub net: NetworkManager,
+    /// Serialises creating and deleting private networks.
+    pub network_admin: tokio::sync::Mutex<()>,
     /// What the last startup found when comparing the store with libvirt.
     pub reconciliation: std::sync::Mutex<Option<Reconciliation>>,
 }
@@ -85,6 +95,8 @@ impl VmManager {
         let images = ImageStore::new(&config.storage.image_dir, store.clone());
         let disks = Disks::new(&config.storage);
         let pool = Pool::new(config.network.pool.clone());
+        let net = NetworkManager::new(config.network.clone());
+        let pool6 = config.network.pool6.clone().map(Pool::new);
         VmManager {
             ctx: Arc::new(Ctx {
                 config,
@@ -93,9 +105,12 @@ impl VmManager {
                 images,
                 disks,
                 pool,
+                pool6,
                 engine,
                 host,
                 outbox,
+                net,
+                network_admin: tokio::sync::Mutex::new(()),
                 reconciliation: std::sync::Mutex::new(None),
             }),
         }

@@ -75,20 +75,56 @@ impl VmManager {
         })
     }
 
+    /// Every VM's hostname by id.
+    pub async fn hostnames(&self) -> Result<HashMap<Uuid, String>, VmError> {
+        let vms = self.ctx.store.call(|c| store::vms::list(c)).await?;
+        Ok(vms.into_iter().map(|v| (v.id, v.hostname)).collect())
+    }
+
+    /// The VM's record and status; `NotFound` when no record exists.
+    pub async fn row_with_status(&self, id: Uuid) -> Result<(VmRow, VmStatus), VmError> {
+        let vm = self.ctx.vm(id).await?;
+        let status = self.status_of(&vm).await;
+        Ok((vm, status))
+    }
+
     pub async fn get(&self, id: Uuid) -> Result<VmDetail, VmError> {
         let vm = self.ctx.vm(id).await?;
         let status = self.status_of(&vm).await;
-        let ips: Vec<IpView> = self
+        let (allocations, members, networks) = self
             .ctx
             .store
-            .call(move |c| store::vms::ip_allocations(c))
-            .await?
+            .call(move |c| {
+                Ok((
+                    store::vms::ip_allocations(c)?,
+                    store::networks::members_of_vm(c, id)?,
+                    store::networks::networks(c)?,
+                ))
+            })
+            .await?;
+        let mut ips: Vec<IpView> = allocations
             .into_iter()
             .filter(|a| a.vps_id == id)
             .map(|a| IpView {
                 address: a.address,
                 kind: a.kind,
                 adapter: PRIMARY_ADAPTER.into(),
+            })
+            .collect();
+        ips.sort_by_key(|i| (i.kind != "primary", i.address));
+        let private_networks = members
+            .iter()
+            .map(|m| {
+                let n = networks.iter().find(|n| n.id == m.network_id);
+                serde_json::json!({
+                    "network_id": m.network_id,
+                    "name": n.map(|n| n.name.clone()),
+                    "vni": n.map(|n| n.vni),
+                    "membership_id": m.id,
+                    "address": m.address,
+                    "mac": m.mac,
+                    "adapter": format!("eth{}", m.nic),
+                })
             })
             .collect();
         Ok(VmDetail {
@@ -102,7 +138,7 @@ impl VmManager {
             },
             template_id: vm.template_id.clone(),
             ips,
-            private_networks: Vec::new(),
+            private_networks,
             vnc: VncView { enabled: true },
             mac: vm.mac.clone(),
         })

@@ -7,7 +7,7 @@ use super::create::{self, CreateOp};
 use super::delete::DeleteOp;
 use super::reinstall::ReinstallOp;
 use super::resize::ResizeOp;
-use super::{Op, VmError, VmManager};
+use super::{net, Op, VmError, VmManager};
 use crate::errors::ErrorCode;
 use crate::store;
 
@@ -24,6 +24,9 @@ pub struct Reconciliation {
     pub missing_domains: Vec<Uuid>,
     /// What the `reconcile` settings removed of the above.
     pub removed: Vec<Uuid>,
+    /// What re-applying the network from the store did.
+    pub network: Option<crate::network::Applied>,
+    pub network_error: Option<String>,
 }
 
 impl VmManager {
@@ -122,6 +125,21 @@ impl VmManager {
             }
         }
         self.compare_with_libvirt(&mut report).await?;
+        // After a host reboot nothing is configured: bridges, tunnels, limits and filters
+        // come back from the store, and leftovers of deleted VMs go.
+        match net::desired(&self.ctx, &[]).await {
+            Ok(desired) => match self.ctx.net.apply(&desired).await {
+                Ok(applied) => {
+                    tracing::info!(?applied, "network reconciled");
+                    report.network = Some(applied);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reconcile the network");
+                    report.network_error = Some(e.to_string());
+                }
+            },
+            Err(e) => report.network_error = Some(e.to_string()),
+        }
         *self
             .ctx
             .reconciliation

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::create::{domain_xml_for, write_seed};
+use super::create::{define, start_domain, write_seed};
 use super::model::{ReinstallRequest, TaskAccepted, VmStatus};
 use super::{readiness, validate, Ctx, Op, VmError, VmManager};
 use crate::cloudinit;
@@ -179,12 +179,7 @@ impl ReinstallOp {
             .create_disk(self.id, &template, vm.disk_gb)
             .await
             .map_err(|e| VmError::storage(Op::Deploy, e))?;
-        let next = self.next(vm);
-        self.ctx
-            .hv
-            .define(domain_xml_for(&self.ctx, &next))
-            .await
-            .map_err(Self::hv)
+        define(&self.ctx, &self.next(vm), Op::Deploy).await
     }
 
     async fn restore_disk(&self, vm: &VmRow) -> Result<(), VmError> {
@@ -199,11 +194,7 @@ impl ReinstallOp {
                 .await
                 .map_err(|e| VmError::Internal(format!("cannot restore the old disk: {e}")))?;
         }
-        self.ctx
-            .hv
-            .define(domain_xml_for(&self.ctx, vm))
-            .await
-            .map_err(Self::hv)
+        define(&self.ctx, vm, Op::Deploy).await
     }
 
     async fn finalize(&self) -> Result<(), VmError> {
@@ -271,7 +262,7 @@ impl Operation for ReinstallOp {
                 "replace_disk" => self.replace_disk(&vm).await,
                 "apply_cloud_init" => write_seed(&self.ctx, &self.next(&vm)).await,
                 "start_vm" => {
-                    self.ctx.hv.start(self.id).await.map_err(Self::hv)?;
+                    start_domain(&self.ctx, &vm, Op::Deploy).await?;
                     match self.ctx.hv.power_state(self.id).await.map_err(Self::hv)? {
                         Some(PowerState::Running) => Ok(()),
                         other => Err(VmError::Failed {
@@ -297,7 +288,7 @@ impl Operation for ReinstallOp {
             let vm = self.ctx.vm(self.id).await?;
             match step {
                 "stop_vm" if self.input.was_running => {
-                    self.ctx.hv.start(self.id).await.map_err(Self::hv)
+                    start_domain(&self.ctx, &vm, Op::Deploy).await
                 }
                 "replace_disk" => self.restore_disk(&vm).await,
                 "apply_cloud_init" => write_seed(&self.ctx, &vm).await,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::create::{domain_xml_for, write_seed};
+use super::create::{define, start_domain, write_seed};
 use super::model::{ResizeRequest, TaskAccepted, VmStatus};
 use super::validate::{self, ValidationError};
 use super::{Ctx, Op, VmError, VmManager};
@@ -258,9 +258,10 @@ impl ResizeOp {
             self.power().await?,
             Some(PowerState::Running | PowerState::Paused)
         );
+        let vm = self.ctx.vm(self.id).await?;
         if self.input.erase {
             if self.input.was_running && !running {
-                self.ctx.hv.start(self.id).await.map_err(Self::hv)?;
+                start_domain(&self.ctx, &vm, Op::Deploy).await?;
             }
             return Ok(());
         }
@@ -276,7 +277,7 @@ impl ResizeOp {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         self.ctx.hv.destroy(self.id).await.map_err(Self::hv)?;
-        self.ctx.hv.start(self.id).await.map_err(Self::hv)
+        start_domain(&self.ctx, &vm, Op::Deploy).await
     }
 
     /// Puts the old resources back (keeping a disk size that already took effect).
@@ -296,11 +297,7 @@ impl ResizeOp {
             .call(move |c| store::vms::set_resources(c, id, old.0, old.1, disk, &now))
             .await?;
         let vm = self.ctx.vm(self.id).await?;
-        self.ctx
-            .hv
-            .define(domain_xml_for(&self.ctx, &vm))
-            .await
-            .map_err(Self::hv)
+        define(&self.ctx, &vm, Op::Deploy).await
     }
 }
 
@@ -324,12 +321,7 @@ impl Operation for ResizeOp {
                 ));
             }
             match step {
-                "apply_definition" => self
-                    .ctx
-                    .hv
-                    .define(domain_xml_for(&self.ctx, &vm))
-                    .await
-                    .map_err(Self::hv),
+                "apply_definition" => define(&self.ctx, &vm, Op::Deploy).await,
                 "resize_disk" => self.resize_disk().await,
                 "restart_vm" => self.restart_vm().await,
                 other => Err(VmError::Internal(format!("unknown resize step {other}"))),

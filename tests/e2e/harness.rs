@@ -64,6 +64,8 @@ pub struct Agent {
     pub socket: PathBuf,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    /// The agent's nftables table (bridge family).
+    pub filter_table: String,
     child: Option<Child>,
     env: Vec<(String, String)>,
     client: reqwest::Client,
@@ -74,6 +76,8 @@ pub struct Agent {
 pub struct AgentOptions {
     /// First and last host number of the pool slice (`rig.addr(n)`).
     pub pool: (u8, u8),
+    /// Whether the agent removes hvnode devices its store does not know.
+    pub remove_leftovers: bool,
     pub env: Vec<(String, String)>,
     /// Extra TOML appended to the generated config.
     pub extra_toml: String,
@@ -83,6 +87,7 @@ impl Default for AgentOptions {
     fn default() -> Self {
         AgentOptions {
             pool: (100, 109),
+            remove_leftovers: false,
             env: Vec::new(),
             extra_toml: String::new(),
         }
@@ -113,6 +118,7 @@ impl Agent {
         let socket = dir.join("hvnode.sock");
         let config_path = dir.join("config.toml");
         let net = rig.gateway.rsplit_once('.').unwrap().0.to_string();
+        let filter_table = format!("hv_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let config = format!(
             r#"[api]
 listen = "127.0.0.1:{port}"
@@ -131,6 +137,10 @@ state_db = "{db}"
 [network]
 netns = "{netns}"
 bridge = "{bridge}"
+# Several agents share the rig: each filters its own taps in its own table, and none
+# removes devices it does not know (they may be another agent's).
+filter_table = "{filter_table}"
+remove_leftovers = {leftovers}
 
 [tasks]
 # Several guests boot at once under TCG on a small machine.
@@ -154,6 +164,7 @@ dns = ["{gw}"]
             bridge = rig.bridge,
             prefix = rig.prefix,
             gw = rig.gateway,
+            leftovers = opts.remove_leftovers,
             first = opts.pool.0,
             last = opts.pool.1,
             extra = opts.extra_toml,
@@ -169,6 +180,7 @@ dns = ["{gw}"]
             log_path: dir.join("agent.log"),
             config_path,
             dir,
+            filter_table,
             child: None,
             env: opts.env,
             client: reqwest::Client::builder()
@@ -350,6 +362,14 @@ impl Drop for Agent {
         for id in self.created.lock().unwrap().iter() {
             destroy_domain(id);
         }
+        // Its anti-spoofing table (and IFBs of its VMs) would otherwise stay in the rig.
+        ns_sh(
+            &self.rig.netns,
+            &format!(
+                "nft delete table bridge {} 2>/dev/null; true",
+                self.filter_table
+            ),
+        );
         if std::thread::panicking() {
             eprintln!(
                 "--- agent {} log tail ---\n{}",
@@ -507,4 +527,45 @@ pub async fn wait_guest_agent(id: &str, timeout: Duration) {
     })
     .await;
     assert!(ok, "guest agent of {id} did not answer within {timeout:?}");
+}
+
+/// Runs a shell script on the host inside network namespace `ns` (test setup only; the
+/// agent itself never shells out for networking).
+pub fn ns_sh(ns: &str, script: &str) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", script])
+        .output()
+        .expect("run ip netns exec");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+pub fn sh(script: &str) -> (bool, String) {
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .expect("run sh");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Whether `addr:port` accepts a TCP connection from inside `ns` within 3 s.
+pub fn tcp_open(ns: &str, addr: &str, port: u16) -> bool {
+    ns_sh(ns, &format!("timeout 3 bash -c '</dev/tcp/{addr}/{port}'")).0
+}
+
+/// Runs `f` on a thread inside network namespace `ns` and returns its handle.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns exists");
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
 }

@@ -6,8 +6,10 @@
 //! once and checks as much as it can on them.
 
 mod concurrency;
+mod console;
 mod crash;
 mod harness;
 mod lifecycle;
+mod network;
 mod reconcile;
 mod reinstall_resize;

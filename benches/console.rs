@@ -1,0 +1,254 @@
+//! The console proxy against websockify (Debian's `websockify`, the reference proxy), on
+//! the same byte source and the same client, in the same run.
+//!
+//!   cargo bench --bench console            (needs `websockify` on PATH; no root)
+//!
+//! The source is a TCP server on loopback standing in for a VNC server: a connection that
+//! starts with `B` receives `BULK_MIB` MiB as fast as the socket takes them; one that
+//! starts with `E` gets every byte echoed. hvnode's side is the agent's own proxy loop
+//! (`console::proxy::pump_io`, the code that carries RFB from libvirt's graphics fd) behind
+//! an axum WebSocket route; websockify forwards to the same source. The client is one
+//! tokio-tungstenite program for both. Reported: bulk throughput (median of 5 streams) and
+//! round-trip latency of 2000 small echoes (p50, p99), with the source's own direct TCP
+//! round trip as the floor both add to.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::State;
+use axum::routing::get;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+const BULK_MIB: usize = 256;
+const STREAMS: usize = 5;
+const ECHOES: usize = 2000;
+const ECHO_BYTES: usize = 32;
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run());
+}
+
+async fn source() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                let mut mode = [0u8; 1];
+                if s.read_exact(&mut mode).await.is_err() {
+                    return;
+                }
+                if mode[0] == b'B' {
+                    let chunk = vec![0x5au8; 64 * 1024];
+                    for _ in 0..BULK_MIB * 16 {
+                        if s.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                } else {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn hvnode_proxy(target: SocketAddr) -> SocketAddr {
+    async fn upgrade(
+        State(target): State<SocketAddr>,
+        ws: WebSocketUpgrade,
+    ) -> axum::response::Response {
+        ws.protocols(["binary"])
+            .on_upgrade(move |socket| async move {
+                let tcp = TcpStream::connect(target).await.unwrap();
+                tcp.set_nodelay(true).unwrap();
+                hvnode::console::proxy::pump_io(socket, tcp).await;
+            })
+    }
+    let app = axum::Router::new()
+        .route("/", get(upgrade))
+        .with_state(target);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    addr
+}
+
+struct Websockify(Child);
+
+impl Drop for Websockify {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn websockify(target: SocketAddr) -> (Websockify, SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("websockify")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(target.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("websockify (apt install websockify)");
+    let child = Websockify(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return (child, addr);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("websockify did not listen");
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn open(proxy: SocketAddr) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{proxy}/").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "binary".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws
+}
+
+/// MiB/s of one bulk stream through `proxy`.
+async fn bulk(proxy: SocketAddr) -> f64 {
+    let mut ws = open(proxy).await;
+    ws.send(Message::Binary(b"B".to_vec().into()))
+        .await
+        .unwrap();
+    let want = BULK_MIB * 1024 * 1024;
+    let mut got = 0;
+    let start = Instant::now();
+    while got < want {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => got += b.len(),
+            Some(Ok(_)) => {}
+            other => panic!("bulk stream ended after {got} bytes: {other:?}"),
+        }
+    }
+    BULK_MIB as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Round trips of small echoes through `proxy`, sorted, in microseconds.
+async fn echo_ws(proxy: SocketAddr) -> Vec<f64> {
+    let mut ws = open(proxy).await;
+    ws.send(Message::Binary(b"E".to_vec().into()))
+        .await
+        .unwrap();
+    let payload = vec![7u8; ECHO_BYTES];
+    let mut out = Vec::with_capacity(ECHOES);
+    for _ in 0..ECHOES {
+        let t = Instant::now();
+        ws.send(Message::Binary(payload.clone().into()))
+            .await
+            .unwrap();
+        let mut got = 0;
+        while got < ECHO_BYTES {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => got += b.len(),
+                Some(Ok(_)) => {}
+                other => panic!("echo ended: {other:?}"),
+            }
+        }
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+async fn echo_direct(target: SocketAddr) -> Vec<f64> {
+    let mut s = TcpStream::connect(target).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"E").await.unwrap();
+    let payload = vec![7u8; ECHO_BYTES];
+    let mut buf = vec![0u8; ECHO_BYTES];
+    let mut out = Vec::with_capacity(ECHOES);
+    for _ in 0..ECHOES {
+        let t = Instant::now();
+        s.write_all(&payload).await.unwrap();
+        s.read_exact(&mut buf).await.unwrap();
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn run() {
+    let target = source().await;
+    let ours = hvnode_proxy(target).await;
+    let (_ws_child, theirs) = websockify(target);
+
+    // Warm both up, then interleave so both see the same machine.
+    bulk(ours).await;
+    bulk(theirs).await;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..STREAMS {
+        a.push(bulk(ours).await);
+        b.push(bulk(theirs).await);
+    }
+    let (ta, tb) = (median(a), median(b));
+    let direct = echo_direct(target).await;
+    let ea = echo_ws(ours).await;
+    let eb = echo_ws(theirs).await;
+
+    println!("console proxy: {BULK_MIB} MiB bulk streams (median of {STREAMS}), {ECHOES} echoes of {ECHO_BYTES} B");
+    println!(
+        "  throughput  hvnode {ta:8.1} MiB/s   websockify {tb:8.1} MiB/s   ratio {:.2}x",
+        ta / tb
+    );
+    println!(
+        "  round trip  direct TCP p50 {:6.1} us  p99 {:6.1} us",
+        pct(&direct, 0.5),
+        pct(&direct, 0.99)
+    );
+    for (name, e) in [("hvnode", &ea), ("websockify", &eb)] {
+        println!(
+            "  round trip  {name:<10} p50 {:6.1} us  p99 {:6.1} us   added p50 {:6.1} us  p99 {:6.1} us",
+            pct(e, 0.5),
+            pct(e, 0.99),
+            pct(e, 0.5) - pct(&direct, 0.5),
+            pct(e, 0.99) - pct(&direct, 0.99)
+        );
+    }
+    println!(
+        "  p99 ratio websockify/hvnode {:.2}x",
+        pct(&eb, 0.99) / pct(&ea, 0.99)
+    );
+}

@@ -1,0 +1,239 @@
+//! Consoles: `POST /v1/vms/{id}/console` issues a ticket; `GET /console/{ticket}` serves the
+//! noVNC page and `GET /console/{ticket}/novnc/…` its files; `GET /v1/console/ws?ticket=`
+//! is the WebSocket. The last three are authenticated by the ticket alone (a browser
+//! cannot send the control plane's bearer token), and every refusal happens before any
+//! upgrade.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::extract::{vm_id, JsonBody, QueryMap};
+use super::status::websocket_required;
+use super::{ok, ApiResult};
+use crate::app::App;
+use crate::console::{self, ConsoleKind, Grant, TicketError};
+use crate::errors::ErrorCode;
+use crate::vm::VmStatus;
+
+const MAX_TTL_S: u64 = 300;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleRequest {
+    #[serde(rename = "type")]
+    pub kind: Option<ConsoleKind>,
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ConsoleTicket {
+    pub vps_id: uuid::Uuid,
+    pub console_url: String,
+    pub websocket_url: String,
+    pub ticket: String,
+    #[serde(rename = "type")]
+    pub kind: ConsoleKind,
+    pub expires_in_seconds: u64,
+}
+
+pub async fn console_create(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<ConsoleRequest>,
+) -> ApiResult {
+    let id = vm_id(&id)?;
+    let kind = req.kind.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::MissingFields,
+            "type is required: novnc or serial",
+        )
+    })?;
+    let ttl = req.ttl_seconds.unwrap_or(app.config.console.ticket_ttl_s);
+    if !(1..=MAX_TTL_S).contains(&ttl) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("ttl_seconds must be between 1 and {MAX_TTL_S}"),
+        ));
+    }
+    let (_, status) = app.vms.row_with_status(id).await?;
+    if !matches!(status, VmStatus::Running | VmStatus::Suspended) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidState,
+            format!(
+                "VPS {id} is {}; a console needs a running VPS",
+                status.as_str()
+            ),
+        ));
+    }
+    let ticket = app
+        .tickets
+        .issue(Grant { vm: id, kind }, Duration::from_secs(ttl));
+    let base = app.config.public_url();
+    let websocket_url = format!(
+        "{}/v1/console/ws?ticket={ticket}",
+        base.replacen("http", "ws", 1)
+    );
+    let console_url = match kind {
+        ConsoleKind::Novnc => format!("{base}/console/{ticket}"),
+        // A serial console is a byte stream with no page of its own.
+        ConsoleKind::Serial => websocket_url.clone(),
+    };
+    tracing::info!(vps = %id, kind = kind.as_str(), ttl_s = ttl, "console ticket issued");
+    Ok(ok(ConsoleTicket {
+        vps_id: id,
+        console_url,
+        websocket_url,
+        ticket,
+        kind,
+        expires_in_seconds: ttl,
+    }))
+}
+
+fn refused(e: TicketError) -> ApiError {
+    ApiError::new(ErrorCode::InvalidTicket, e.to_string())
+}
+
+fn novnc_grant(app: &App, ticket: &str) -> Result<Grant, ApiError> {
+    let grant = app.tickets.peek(ticket).map_err(refused)?;
+    if grant.kind != ConsoleKind::Novnc {
+        return Err(ApiError::new(
+            ErrorCode::InvalidTicket,
+            "this ticket is for a serial console, which has no page",
+        ));
+    }
+    Ok(grant)
+}
+
+/// The noVNC page. Loading it does not use the ticket up.
+pub async fn console_page(
+    State(app): State<Arc<App>>,
+    Path(ticket): Path<String>,
+) -> Result<Response, ApiError> {
+    novnc_grant(&app, &ticket)?;
+    let novnc = &app.config.console.novnc_dir;
+    if !novnc.join("core/rfb.js").is_file() {
+        return Err(ApiError::new(
+            ErrorCode::ConsoleFailed,
+            format!(
+                "noVNC is not installed at {} (console.novnc_dir; Debian: apt install novnc)",
+                novnc.display()
+            ),
+        ));
+    }
+    let websocket_url = format!(
+        "{}/v1/console/ws?ticket={ticket}",
+        app.config.public_url().replacen("http", "ws", 1)
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            // The ticket is in the URL: never send it on as a referrer.
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        console::page(&ticket, &websocket_url),
+    )
+        .into_response())
+}
+
+/// A file of the noVNC client, for a page holding a valid ticket.
+pub async fn console_asset(
+    State(app): State<Arc<App>>,
+    Path((ticket, path)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    novnc_grant(&app, &ticket)?;
+    let not_found = || ApiError::new(ErrorCode::RouteNotFound, format!("no file {path}"));
+    let file = console::asset_path(&app.config.console.novnc_dir, &path).ok_or_else(not_found)?;
+    let body = tokio::fs::read(&file).await.map_err(|_| not_found())?;
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, console::content_type(&file)),
+            (header::CACHE_CONTROL, "private, max-age=300"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// The console WebSocket: checks the ticket, opens the VM's VNC or serial console, then
+/// uses the ticket up and upgrades. Any failure is answered before the upgrade.
+pub async fn console_ws(
+    State(app): State<Arc<App>>,
+    query: QueryMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let ticket = query.get("ticket").unwrap_or("").to_owned();
+    let grant = app.tickets.peek(&ticket).map_err(refused)?;
+    // A client may say which VPS and console it expects; a ticket for another is refused.
+    if query
+        .get("vps_id")
+        .is_some_and(|v| v.parse::<uuid::Uuid>().ok() != Some(grant.vm))
+    {
+        return Err(ApiError::new(
+            ErrorCode::InvalidTicket,
+            "the ticket is for another VPS",
+        ));
+    }
+    if query.get("type").is_some_and(|t| t != grant.kind.as_str()) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidTicket,
+            "the ticket is for another console type",
+        ));
+    }
+    let ws = ws.map_err(|_| websocket_required())?;
+    let slot = app.console_slots.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            ErrorCode::ConsoleFailed,
+            "too many console sessions are open on this node; try again shortly",
+        )
+    })?;
+    let hv = app.vms.hypervisor().clone();
+    let failed = |e: crate::hypervisor::HypervisorError| {
+        tracing::warn!(vps = %grant.vm, error = %e, "cannot open console");
+        ApiError::new(
+            ErrorCode::ConsoleFailed,
+            format!("cannot open the console of VPS {}: {e}", grant.vm),
+        )
+    };
+    enum Backend {
+        Vnc(tokio::net::UnixStream),
+        Serial(crate::hypervisor::ConsoleSession),
+    }
+    let backend = match grant.kind {
+        ConsoleKind::Novnc => {
+            let fd = hv.open_graphics(grant.vm).await.map_err(failed)?;
+            let std_sock = std::os::unix::net::UnixStream::from(fd);
+            std_sock
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(std_sock))
+                .map(Backend::Vnc)
+                .map_err(|e| {
+                    ApiError::new(ErrorCode::ConsoleFailed, format!("graphics socket: {e}"))
+                })?
+        }
+        ConsoleKind::Serial => Backend::Serial(hv.open_serial(grant.vm).await.map_err(failed)?),
+    };
+    // Only now is the ticket used up; a concurrent redeem of the same ticket loses here.
+    let grant = app.tickets.redeem(&ticket).map_err(refused)?;
+    tracing::info!(vps = %grant.vm, kind = grant.kind.as_str(), "console session opened");
+    Ok(ws
+        .protocols(["binary"])
+        .on_upgrade(move |socket| async move {
+            match backend {
+                Backend::Vnc(sock) => console::proxy::pump_io(socket, sock).await,
+                Backend::Serial(session) => console::proxy::pump_serial(socket, session).await,
+            }
+            drop(slot);
+            tracing::info!(vps = %grant.vm, kind = grant.kind.as_str(), "console session closed");
+        })
+        .into_response())
+}

@@ -1,0 +1,528 @@
+//! Extra IP addresses: add, remove, move between VMs.
+//!
+//! Each change is a task on the VM (both VMs, for a move). The store is the truth: an
+//! address is taken in the same transaction that records the task, and a move is one
+//! `UPDATE` of its owner, so at no moment do two VMs own it. Then the host follows (the
+//! anti-spoofing sets: the source's shrinks before the target's grows) and the guest
+//! follows: its cloud-init network config is rewritten (applied at every boot), and when
+//! its agent answers the address is added or removed live, with a gratuitous ARP.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::create::write_seed;
+use super::model::PRIMARY_ADAPTER;
+use super::net::{self, guest_script, shell_safe};
+use super::validate::ValidationError;
+use super::{Ctx, Op, VmError, VmManager};
+use crate::network::ipam::{IpamError, Pool};
+use crate::store::{self, NewTask, VmRow, VmRowState};
+use crate::tasks::{BoxFuture, Claim, Operation, StepCtx};
+
+#[derive(Debug, Default, Deserialize)]
+pub struct AddIpRequest {
+    pub address: Option<String>,
+    /// `ipv4` (default) or `ipv6`, when no address is given.
+    pub family: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct MoveIpRequest {
+    pub target_vps_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IpEntry {
+    pub address: IpAddr,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub adapter: String,
+    pub mac: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IpLimits {
+    pub max_extra_ips: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IpList {
+    pub ips: Vec<IpEntry>,
+    pub limits: IpLimits,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IpAdded {
+    pub address: IpAddr,
+    pub adapter: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Whether the guest agent applied it at once (else at the next boot).
+    pub applied_live: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IpMoved {
+    pub address: IpAddr,
+    pub from_vps_id: Uuid,
+    pub to_vps_id: Uuid,
+}
+
+const ADD_STEPS: &[&str] = &["allocate_ip", "update_filter", "update_guest"];
+const REMOVE_STEPS: &[&str] = &[
+    "release_ip",
+    "update_guest",
+    "update_filter",
+    "forget_neighbour",
+];
+const MOVE_STEPS: &[&str] = &[
+    "remove_from_source",
+    "reassign",
+    "update_filters",
+    "forget_neighbour",
+    "add_to_target",
+];
+
+fn parse_address(s: &str) -> Result<IpAddr, VmError> {
+    s.parse().map_err(|_| {
+        VmError::Invalid(ValidationError::InvalidField {
+            field: "address",
+            reason: format!("{s:?} is not an IP address"),
+        })
+    })
+}
+
+fn deployed(vm: &VmRow) -> Result<(), VmError> {
+    match vm.state {
+        VmRowState::Active => Ok(()),
+        VmRowState::Deploying => Err(VmError::InvalidState("the VPS is still deploying".into())),
+        VmRowState::Failed => Err(VmError::InvalidState("the VPS failed to deploy".into())),
+    }
+}
+
+impl VmManager {
+    pub async fn ips(&self, id: Uuid) -> Result<IpList, VmError> {
+        let vm = self.ctx.vm(id).await?;
+        let allocations = self
+            .ctx
+            .store
+            .call(move |c| store::vms::ip_allocations(c))
+            .await?;
+        let mut ips: Vec<IpEntry> = allocations
+            .into_iter()
+            .filter(|a| a.vps_id == id)
+            .map(|a| IpEntry {
+                address: a.address,
+                kind: a.kind,
+                adapter: PRIMARY_ADAPTER.into(),
+                mac: vm.mac.clone(),
+            })
+            .collect();
+        ips.sort_by_key(|e| (e.kind != "primary", e.address));
+        Ok(IpList {
+            ips,
+            limits: IpLimits {
+                max_extra_ips: self.ctx.config.network.max_extra_ips,
+            },
+        })
+    }
+
+    pub async fn add_ip(&self, id: Uuid, req: AddIpRequest) -> Result<IpAdded, VmError> {
+        let ctx = &self.ctx;
+        let vm = ctx.vm(id).await?;
+        deployed(&vm)?;
+        let requested = req.address.as_deref().map(parse_address).transpose()?;
+        let want_v6 = match (requested, req.family.as_deref()) {
+            (Some(a), _) => a.is_ipv6(),
+            (None, None | Some("ipv4")) => false,
+            (None, Some("ipv6")) => true,
+            (None, Some(other)) => {
+                return Err(VmError::Invalid(ValidationError::InvalidField {
+                    field: "family",
+                    reason: format!("{other:?} must be ipv4 or ipv6"),
+                }))
+            }
+        };
+        let pool = if want_v6 {
+            match &ctx.config.network.pool6 {
+                Some(p) => Pool::new(p.clone()),
+                None => {
+                    return Err(VmError::Invalid(ValidationError::InvalidResources(
+                        "this node has no IPv6 pool (network.pool6)".into(),
+                    )))
+                }
+            }
+        } else {
+            ctx.pool.clone()
+        };
+        let claim = ctx.claim(id, "ip_add")?;
+        let max = ctx.config.network.max_extra_ips;
+        let task_id = claim.task();
+        let now = crate::time::now();
+        let address = ctx
+            .store
+            .call(move |c| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let all = store::vms::ip_allocations(&tx)?;
+                let extras = all
+                    .iter()
+                    .filter(|a| a.vps_id == id && a.kind == "extra")
+                    .count();
+                if extras >= max {
+                    return Ok(Err(VmError::InvalidState(format!(
+                        "the VPS already holds {max} extra addresses (network.max_extra_ips)"
+                    ))));
+                }
+                let taken: HashSet<IpAddr> = all.iter().map(|a| a.address).collect();
+                let address = match pool.choose(requested, &taken) {
+                    Ok(a) => a,
+                    Err(e) => return Ok(Err(VmError::Ip(e))),
+                };
+                store::vms::insert_ip(&tx, address, id, "extra", &now)?;
+                store::tasks::insert(
+                    &tx,
+                    &NewTask {
+                        id: task_id,
+                        kind: "ip_add",
+                        vps_id: id,
+                        input: serde_json::json!({ "address": address }),
+                        steps: ADD_STEPS,
+                        now: &now,
+                    },
+                )?;
+                tx.commit()?;
+                Ok(Ok(address))
+            })
+            .await??;
+        tracing::info!(vps = %id, %address, "add extra address");
+        let op = IpOp {
+            ctx: self.ctx.clone(),
+            vm: id,
+            target: None,
+            address,
+            kind: IpOpKind::Add,
+            live: std::sync::atomic::AtomicBool::new(false),
+            _target_claim: None,
+        };
+        let op = Arc::new(op);
+        ctx.engine
+            .run(claim, "ip_add", SharedIpOp(op.clone()))
+            .await?;
+        Ok(IpAdded {
+            address,
+            adapter: PRIMARY_ADAPTER.into(),
+            kind: "extra",
+            applied_live: op.live.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    pub async fn remove_ip(&self, id: Uuid, address: &str) -> Result<(), VmError> {
+        let ctx = &self.ctx;
+        let vm = ctx.vm(id).await?;
+        let address = self.owned_address(&vm, address).await?;
+        let claim = ctx.claim(id, "ip_remove")?;
+        ctx.record_task(
+            &claim,
+            "ip_remove",
+            REMOVE_STEPS,
+            serde_json::json!({ "address": address }),
+        )
+        .await?;
+        tracing::info!(vps = %id, %address, "remove extra address");
+        let op = IpOp {
+            ctx: self.ctx.clone(),
+            vm: id,
+            target: None,
+            address,
+            kind: IpOpKind::Remove,
+            live: Default::default(),
+            _target_claim: None,
+        };
+        ctx.engine
+            .run(claim, "ip_remove", SharedIpOp(Arc::new(op)))
+            .await
+    }
+
+    pub async fn move_ip(
+        &self,
+        id: Uuid,
+        address: &str,
+        req: MoveIpRequest,
+    ) -> Result<IpMoved, VmError> {
+        let ctx = &self.ctx;
+        let vm = ctx.vm(id).await?;
+        let target_id = req
+            .target_vps_id
+            .ok_or_else(|| ValidationError::MissingFields(vec!["target_vps_id"]))?;
+        let target_id = Uuid::parse_str(&target_id).map_err(|_| {
+            VmError::Invalid(ValidationError::InvalidField {
+                field: "target_vps_id",
+                reason: format!("{target_id:?} is not a UUID"),
+            })
+        })?;
+        let address = self.owned_address(&vm, address).await?;
+        if target_id == id {
+            return Err(VmError::InvalidState(
+                "the address already belongs to that VPS".into(),
+            ));
+        }
+        let target = ctx.vm(target_id).await?;
+        deployed(&target)?;
+        let max = ctx.config.network.max_extra_ips;
+        let extras = ctx
+            .store
+            .call(move |c| store::vms::ip_allocations(c))
+            .await?
+            .into_iter()
+            .filter(|a| a.vps_id == target_id && a.kind == "extra")
+            .count();
+        if extras >= max {
+            return Err(VmError::InvalidState(format!(
+                "the target VPS already holds {max} extra addresses"
+            )));
+        }
+        let claim = ctx.claim(id, "ip_move")?;
+        let target_claim: Claim = ctx
+            .engine
+            .claim(target_id, claim.task(), "ip_move")
+            .map_err(|busy| VmError::TaskInProgress {
+                vm: target_id,
+                task: busy.task,
+            })?;
+        ctx.record_task(
+            &claim,
+            "ip_move",
+            MOVE_STEPS,
+            serde_json::json!({ "address": address, "target_vps_id": target_id }),
+        )
+        .await?;
+        tracing::info!(from = %id, to = %target_id, %address, "move address");
+        let op = IpOp {
+            ctx: self.ctx.clone(),
+            vm: id,
+            target: Some(target_id),
+            address,
+            kind: IpOpKind::Move,
+            live: Default::default(),
+            _target_claim: Some(target_claim),
+        };
+        ctx.engine
+            .run(claim, "ip_move", SharedIpOp(Arc::new(op)))
+            .await?;
+        Ok(IpMoved {
+            address,
+            from_vps_id: id,
+            to_vps_id: target_id,
+        })
+    }
+
+    /// `address` if it is one of `vm`'s extra addresses: `IP_NOT_FOUND` if not its own,
+    /// `PRIMARY_IP` for its primary.
+    async fn owned_address(&self, vm: &VmRow, address: &str) -> Result<IpAddr, VmError> {
+        let not_found = || VmError::IpNotFound(address.to_owned());
+        let addr: IpAddr = address.parse().map_err(|_| not_found())?;
+        let id = vm.id;
+        let owned = self
+            .ctx
+            .store
+            .call(move |c| store::vms::ip_allocations(c))
+            .await?
+            .into_iter()
+            .find(|a| a.address == addr && a.vps_id == id)
+            .ok_or_else(not_found)?;
+        if owned.kind == "primary" {
+            return Err(VmError::PrimaryIp(addr));
+        }
+        Ok(addr)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IpOpKind {
+    Add,
+    Remove,
+    Move,
+}
+
+struct IpOp {
+    ctx: Arc<Ctx>,
+    vm: Uuid,
+    target: Option<Uuid>,
+    address: IpAddr,
+    kind: IpOpKind,
+    live: std::sync::atomic::AtomicBool,
+    /// Held for the whole move, so nothing else changes the target meanwhile.
+    _target_claim: Option<Claim>,
+}
+
+/// The operation behind an `Arc`, so the caller can read what it recorded.
+struct SharedIpOp(Arc<IpOp>);
+
+fn prefix(ctx: &Ctx, a: IpAddr) -> u8 {
+    match a {
+        IpAddr::V4(_) => ctx.pool.prefix(),
+        IpAddr::V6(_) => ctx
+            .config
+            .network
+            .pool6
+            .as_ref()
+            .map(|p| p.cidr.prefix())
+            .unwrap_or(64),
+    }
+}
+
+impl IpOp {
+    /// Adds the address inside the guest now, if its agent answers.
+    async fn guest_add(&self, vm: Uuid) -> Result<bool, VmError> {
+        let a = self.address.to_string();
+        let p = prefix(&self.ctx, self.address);
+        let (a, dev) = (shell_safe(&a)?, PRIMARY_ADAPTER);
+        let script = match self.address {
+            IpAddr::V4(_) => format!(
+                "ip addr replace {a}/{p} dev {dev} && \
+                 (arping -c 2 -U -I {dev} {a} >/dev/null 2>&1 || true)"
+            ),
+            IpAddr::V6(_) => format!("ip -6 addr replace {a}/{p} dev {dev} nodad"),
+        };
+        Ok(guest_script(&self.ctx, vm, &script).await? == Some(0))
+    }
+
+    async fn guest_remove(&self, vm: Uuid) -> Result<(), VmError> {
+        let a = self.address.to_string();
+        let p = prefix(&self.ctx, self.address);
+        let a = shell_safe(&a)?;
+        let script = format!("ip addr del {a}/{p} dev {PRIMARY_ADAPTER} 2>/dev/null; true");
+        guest_script(&self.ctx, vm, &script).await?;
+        Ok(())
+    }
+
+    async fn seed(&self, vm: Uuid) -> Result<(), VmError> {
+        let row = self.ctx.vm(vm).await?;
+        write_seed(&self.ctx, &row).await
+    }
+
+    async fn filter(&self, vm: Uuid) -> Result<(), VmError> {
+        let row = self.ctx.vm(vm).await?;
+        net::update_filter(&self.ctx, &row, Op::Network).await
+    }
+
+    async fn step(&self, step: &'static str) -> Result<(), VmError> {
+        let (ctx, vm, address) = (&self.ctx, self.vm, self.address);
+        match (self.kind, step) {
+            (IpOpKind::Add, "allocate_ip") => {
+                let owner = ctx
+                    .store
+                    .call(move |c| store::vms::ip_owner(c, address))
+                    .await?;
+                match owner {
+                    Some(o) if o == vm => Ok(()),
+                    _ => Err(VmError::Ip(IpamError::InUse(address))),
+                }
+            }
+            (IpOpKind::Add, "update_filter") | (IpOpKind::Remove, "update_filter") => {
+                self.filter(vm).await
+            }
+            (IpOpKind::Add, "update_guest") => {
+                self.seed(vm).await?;
+                let live = self.guest_add(vm).await?;
+                self.live.store(live, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            (IpOpKind::Remove, "release_ip") => Ok(ctx
+                .store
+                .call(move |c| store::networks::delete_ip(c, address, vm))
+                .await?),
+            (IpOpKind::Remove, "update_guest") => {
+                self.seed(vm).await?;
+                self.guest_remove(vm).await
+            }
+            (IpOpKind::Remove | IpOpKind::Move, "forget_neighbour") => ctx
+                .net
+                .forget_neighbour(address)
+                .await
+                .map_err(|e| VmError::Internal(e.to_string())),
+            (IpOpKind::Move, "remove_from_source") => self.guest_remove(vm).await,
+            (IpOpKind::Move, "reassign") => {
+                let target = self.target.expect("a move has a target");
+                let moved = ctx
+                    .store
+                    .call(move |c| store::networks::reassign_ip(c, address, vm, target))
+                    .await?;
+                let owner = ctx
+                    .store
+                    .call(move |c| store::vms::ip_owner(c, address))
+                    .await?;
+                if moved || owner == Some(target) {
+                    Ok(())
+                } else {
+                    Err(VmError::IpNotFound(address.to_string()))
+                }
+            }
+            (IpOpKind::Move, "update_filters") => {
+                // The source stops being allowed before the target starts.
+                self.filter(vm).await?;
+                self.filter(self.target.expect("a move has a target")).await
+            }
+            (IpOpKind::Move, "add_to_target") => {
+                let target = self.target.expect("a move has a target");
+                self.seed(vm).await?;
+                self.seed(target).await?;
+                let live = self.guest_add(target).await?;
+                self.live.store(live, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            (_, other) => Err(VmError::Internal(format!("unknown address step {other}"))),
+        }
+    }
+
+    async fn undo(&self, step: &'static str) -> Result<(), VmError> {
+        let (ctx, vm, address) = (&self.ctx, self.vm, self.address);
+        match (self.kind, step) {
+            (IpOpKind::Add, "allocate_ip") => {
+                ctx.store
+                    .call(move |c| store::networks::delete_ip(c, address, vm))
+                    .await?;
+                self.filter(vm).await
+            }
+            (IpOpKind::Add, "update_guest") => {
+                self.guest_remove(vm).await?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Operation for SharedIpOp {
+    type Error = VmError;
+
+    fn steps(&self) -> &'static [&'static str] {
+        match self.0.kind {
+            IpOpKind::Add => ADD_STEPS,
+            IpOpKind::Remove => REMOVE_STEPS,
+            IpOpKind::Move => MOVE_STEPS,
+        }
+    }
+
+    /// An added address is taken back if its task fails; removals and moves go forward
+    /// (every step can be repeated) so the store's answer always wins.
+    fn rolls_back(&self) -> bool {
+        self.0.kind == IpOpKind::Add
+    }
+
+    fn run_step<'a>(
+        &'a self,
+        step: &'static str,
+        _ctx: &'a StepCtx,
+    ) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(self.0.step(step))
+    }
+
+    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(self.0.undo(step))
+    }
+}

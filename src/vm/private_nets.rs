@@ -1,0 +1,621 @@
+//! Private networks: customers' isolated L2 segments, and VM NICs on them.
+//!
+//! A network is a subnet and a VNI in the store, and on the host a bridge (`hvp<vni>`)
+//! with a VXLAN device (`hvx<vni>`) to the other hypervisors. Attaching a VM adds a NIC on
+//! that bridge (hot-plugged when the VM runs; no bandwidth limit), an address from the
+//! subnet, the NIC's anti-spoofing filter and its cloud-init config; detaching takes all of
+//! that away. Attach and detach are tasks on the VM; creating and deleting networks are
+//! serialised among themselves.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::create::{define, write_seed};
+use super::net::{self, adapter, guest_script, shell_safe};
+use super::validate::ValidationError;
+use super::{Ctx, Op, VmError, VmManager};
+use crate::network::private::{self, AllocError};
+use crate::store::{self, MemberRow, NetworkRow, NewTask, VmRowState};
+use crate::tasks::{BoxFuture, Operation, StepCtx};
+
+/// NIC indexes available to private networks (0 is the public NIC).
+const MAX_PRIVATE_NICS: u8 = 4;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct CreateNetworkRequest {
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub vni: Option<i64>,
+    pub subnet: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct AttachRequest {
+    pub vps_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberView {
+    pub membership_id: Uuid,
+    pub network_id: Uuid,
+    pub vps_id: Uuid,
+    pub address: IpAddr,
+    pub mac: String,
+    pub adapter: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkView {
+    pub id: Uuid,
+    pub name: String,
+    pub vni: u32,
+    pub subnet: String,
+    pub created_at: String,
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkList {
+    pub networks: Vec<NetworkView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SubnetStatus {
+    pub pool: String,
+    pub prefix_len: u8,
+    pub allocated: u64,
+    pub free: u64,
+    pub subnets: Vec<String>,
+}
+
+fn member_view(m: &MemberRow) -> MemberView {
+    MemberView {
+        membership_id: m.id,
+        network_id: m.network_id,
+        vps_id: m.vps_id,
+        address: m.address,
+        mac: m.mac.clone(),
+        adapter: adapter(m.nic),
+    }
+}
+
+fn view(n: &NetworkRow, members: &[MemberRow]) -> NetworkView {
+    NetworkView {
+        id: n.id,
+        name: n.name.clone(),
+        vni: n.vni,
+        subnet: n.subnet.to_string(),
+        created_at: n.created_at.clone(),
+        members: members
+            .iter()
+            .filter(|m| m.network_id == n.id)
+            .map(member_view)
+            .collect(),
+    }
+}
+
+fn alloc_err(e: AllocError) -> VmError {
+    match e {
+        AllocError::NoSubnet { .. } | AllocError::NoVni(..) | AllocError::Full(_) => {
+            VmError::PoolExhausted(e.to_string())
+        }
+        other => VmError::Invalid(ValidationError::InvalidResources(other.to_string())),
+    }
+}
+
+fn network_name(name: &str) -> Result<(), ValidationError> {
+    let ok = (1..=64).contains(&name.chars().count())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " ._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::InvalidName(format!(
+            "network name {:?} must be 1-64 of A-Z, a-z, 0-9, space, '.', '_' and '-'",
+            name.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+impl VmManager {
+    pub async fn networks(&self) -> Result<NetworkList, VmError> {
+        let (networks, members) = self
+            .ctx
+            .store
+            .call(|c| {
+                Ok((
+                    store::networks::networks(c)?,
+                    store::networks::all_members(c)?,
+                ))
+            })
+            .await?;
+        Ok(NetworkList {
+            networks: networks.iter().map(|n| view(n, &members)).collect(),
+        })
+    }
+
+    pub async fn subnets(&self) -> Result<SubnetStatus, VmError> {
+        let networks = self
+            .ctx
+            .store
+            .call(|c| store::networks::networks(c))
+            .await?;
+        let taken: Vec<_> = networks.iter().map(|n| n.subnet).collect();
+        let config = &self.ctx.config.network.private;
+        let (allocated, free) = private::pool_status(config, &taken);
+        Ok(SubnetStatus {
+            pool: config.pool.to_string(),
+            prefix_len: config.prefix_len,
+            allocated,
+            free,
+            subnets: taken.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    pub async fn network_create(&self, req: CreateNetworkRequest) -> Result<NetworkView, VmError> {
+        let ctx = &self.ctx;
+        let name = req
+            .name
+            .ok_or_else(|| ValidationError::MissingFields(vec!["name"]))?;
+        network_name(&name)?;
+        let id = match &req.id {
+            Some(s) => Uuid::parse_str(s).map_err(|_| {
+                VmError::Invalid(ValidationError::InvalidField {
+                    field: "id",
+                    reason: format!("{s:?} is not a UUID"),
+                })
+            })?,
+            None => Uuid::new_v4(),
+        };
+        let _admin = ctx.network_admin.lock().await;
+        let config = ctx.config.network.private.clone();
+        let (requested_vni, requested_subnet) = (req.vni, req.subnet.clone());
+        let now = crate::time::now();
+        let (row, created) = ctx
+            .store
+            .call(move |c| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let existing = store::networks::networks(&tx)?;
+                if let Some(n) = existing.iter().find(|n| n.id == id) {
+                    let same = n.name == name
+                        && requested_vni.is_none_or(|v| v == n.vni as i64)
+                        && requested_subnet
+                            .as_deref()
+                            .is_none_or(|s| s == n.subnet.to_string());
+                    return Ok(if same {
+                        Ok((n.clone(), false))
+                    } else {
+                        Err(VmError::InvalidState(format!(
+                            "private network {id} exists with other settings"
+                        )))
+                    });
+                }
+                let vnis: HashSet<u32> = existing.iter().map(|n| n.vni).collect();
+                let subnets: Vec<_> = existing.iter().map(|n| n.subnet).collect();
+                let vni = match requested_vni {
+                    Some(v) => private::check_vni(v, &vnis),
+                    None => private::next_vni(&config, &vnis),
+                };
+                let subnet = match &requested_subnet {
+                    Some(s) => private::check_subnet(s, &subnets),
+                    None => private::next_subnet(&config, &subnets),
+                };
+                let (vni, subnet) = match (vni, subnet) {
+                    (Ok(v), Ok(s)) => (v, s),
+                    (Err(e), _) | (_, Err(e)) => return Ok(Err(alloc_err(e))),
+                };
+                let row = NetworkRow {
+                    id,
+                    name,
+                    vni,
+                    subnet,
+                    created_at: now,
+                };
+                store::networks::insert_network(&tx, &row)?;
+                tx.commit()?;
+                Ok(Ok((row, true)))
+            })
+            .await??;
+        if created {
+            if let Err(e) = ctx.net.ensure_segment_now(row.vni).await {
+                // Nothing half-made: the record goes with the failed segment.
+                let id = row.id;
+                let _ = ctx.net.remove_segment(row.vni).await;
+                ctx.store
+                    .call(move |c| store::networks::delete_network(c, id))
+                    .await?;
+                return Err(VmError::NetworkFailed(e.to_string()));
+            }
+            tracing::info!(network = %row.id, vni = row.vni, subnet = %row.subnet, "private network created");
+        }
+        Ok(view(&row, &[]))
+    }
+
+    pub async fn network_delete(&self, id: &str) -> Result<serde_json::Value, VmError> {
+        let ctx = &self.ctx;
+        let id = Uuid::parse_str(id).map_err(|_| VmError::NetworkNotFound(id.to_owned()))?;
+        let _admin = ctx.network_admin.lock().await;
+        let row = ctx
+            .store
+            .call(move |c| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let Some(row) = store::networks::network(&tx, id)? else {
+                    return Ok(Err(VmError::NetworkNotFound(id.to_string())));
+                };
+                let members = store::networks::members_of_network(&tx, id)?;
+                if !members.is_empty() {
+                    return Ok(Err(VmError::InvalidState(format!(
+                        "private network {id} still has {} member(s); detach them first",
+                        members.len()
+                    ))));
+                }
+                store::networks::delete_network(&tx, id)?;
+                tx.commit()?;
+                Ok(Ok(row))
+            })
+            .await??;
+        ctx.net
+            .remove_segment(row.vni)
+            .await
+            .map_err(|e| VmError::NetworkFailed(e.to_string()))?;
+        tracing::info!(network = %id, "private network deleted");
+        Ok(serde_json::json!({ "deleted": true, "id": id }))
+    }
+
+    pub async fn network_attach(
+        &self,
+        network_id: &str,
+        req: AttachRequest,
+    ) -> Result<MemberView, VmError> {
+        let ctx = &self.ctx;
+        let network_id = Uuid::parse_str(network_id)
+            .map_err(|_| VmError::NetworkNotFound(network_id.to_owned()))?;
+        let vps = req
+            .vps_id
+            .ok_or_else(|| ValidationError::MissingFields(vec!["vps_id"]))?;
+        let vps_id = Uuid::parse_str(&vps).map_err(|_| VmError::NotFound(Uuid::nil()))?;
+        let vm = ctx.vm(vps_id).await?;
+        if vm.state != VmRowState::Active {
+            return Err(VmError::InvalidState(
+                "the VPS must be deployed to join a private network".into(),
+            ));
+        }
+        let claim = ctx.claim(vps_id, "net_attach")?;
+        let task_id = claim.task();
+        let now = crate::time::now();
+        let member_id = Uuid::new_v4();
+        let member = ctx
+            .store
+            .call(move |c| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let Some(network) = store::networks::network(&tx, network_id)? else {
+                    return Ok(Err(VmError::NetworkNotFound(network_id.to_string())));
+                };
+                let members = store::networks::members_of_network(&tx, network_id)?;
+                if let Some(m) = members.iter().find(|m| m.vps_id == vps_id) {
+                    // Already a member: the same answer again.
+                    return Ok(Ok((m.clone(), false)));
+                }
+                let mine = store::networks::members_of_vm(&tx, vps_id)?;
+                let Some(nic) = (1..=MAX_PRIVATE_NICS).find(|n| !mine.iter().any(|m| m.nic == *n))
+                else {
+                    return Ok(Err(VmError::InvalidState(format!(
+                        "the VPS is already on {MAX_PRIVATE_NICS} private networks"
+                    ))));
+                };
+                let taken: HashSet<IpAddr> = members.iter().map(|m| m.address).collect();
+                let address = match private::next_member_address(network.subnet, &taken) {
+                    Ok(a) => a,
+                    Err(e) => return Ok(Err(alloc_err(e))),
+                };
+                let mut mac = crate::network::random_mac();
+                while store::networks::mac_taken(&tx, &mac)? {
+                    mac = crate::network::random_mac();
+                }
+                let m = MemberRow {
+                    id: member_id,
+                    network_id,
+                    vps_id,
+                    address,
+                    mac,
+                    nic,
+                    created_at: now.clone(),
+                };
+                store::networks::insert_member(&tx, &m)?;
+                store::tasks::insert(
+                    &tx,
+                    &NewTask {
+                        id: task_id,
+                        kind: "net_attach",
+                        vps_id,
+                        input: serde_json::json!({ "membership_id": member_id }),
+                        steps: ATTACH_STEPS,
+                        now: &now,
+                    },
+                )?;
+                tx.commit()?;
+                Ok(Ok((m, true)))
+            })
+            .await??;
+        let (member, fresh) = member;
+        if !fresh {
+            return Ok(member_view(&member));
+        }
+        tracing::info!(vps = %vps_id, network = %network_id, address = %member.address, "attach");
+        let op = NicOp {
+            ctx: self.ctx.clone(),
+            member: member.clone(),
+            attach: true,
+        };
+        ctx.engine.run(claim, "net_attach", op).await?;
+        Ok(member_view(&member))
+    }
+
+    pub async fn network_detach(
+        &self,
+        network_id: &str,
+        membership_id: &str,
+    ) -> Result<serde_json::Value, VmError> {
+        let ctx = &self.ctx;
+        let network_id = Uuid::parse_str(network_id)
+            .map_err(|_| VmError::NetworkNotFound(network_id.to_owned()))?;
+        let not_found = || VmError::NetworkNotFound(format!("membership {membership_id}"));
+        let member_id = Uuid::parse_str(membership_id).map_err(|_| not_found())?;
+        let member = ctx
+            .store
+            .call(move |c| store::networks::member(c, member_id))
+            .await?
+            .filter(|m| m.network_id == network_id)
+            .ok_or_else(not_found)?;
+        let claim = ctx.claim(member.vps_id, "net_detach")?;
+        ctx.record_task(
+            &claim,
+            "net_detach",
+            DETACH_STEPS,
+            serde_json::json!({ "membership_id": member_id }),
+        )
+        .await?;
+        tracing::info!(vps = %member.vps_id, network = %network_id, "detach");
+        let op = NicOp {
+            ctx: self.ctx.clone(),
+            member,
+            attach: false,
+        };
+        ctx.engine.run(claim, "net_detach", op).await?;
+        Ok(serde_json::json!({ "deleted": true, "membership_id": member_id }))
+    }
+}
+
+const ATTACH_STEPS: &[&str] = &[
+    "ensure_segment",
+    "update_filter",
+    "plug_nic",
+    "update_guest",
+];
+const DETACH_STEPS: &[&str] = &[
+    "update_guest",
+    "unplug_nic",
+    "release_member",
+    "update_filter",
+];
+
+struct NicOp {
+    ctx: Arc<Ctx>,
+    member: MemberRow,
+    attach: bool,
+}
+
+impl NicOp {
+    fn nic_xml(&self, vni: u32) -> String {
+        use super::domain_xml::escape;
+        format!(
+            "<interface type='bridge'><mac address='{}'/><source bridge='{}'/>\
+             <target dev='{}'/><model type='virtio'/></interface>",
+            escape(&self.member.mac),
+            escape(&crate::network::private_bridge(vni)),
+            escape(&crate::network::tap_name(
+                self.member.vps_id,
+                self.member.nic
+            )),
+        )
+    }
+
+    async fn network(&self) -> Result<NetworkRow, VmError> {
+        let id = self.member.network_id;
+        self.ctx
+            .store
+            .call(move |c| store::networks::network(c, id))
+            .await?
+            .ok_or_else(|| VmError::NetworkNotFound(id.to_string()))
+    }
+
+    async fn running(&self) -> Result<bool, VmError> {
+        Ok(matches!(
+            self.ctx
+                .hv
+                .power_state(self.member.vps_id)
+                .await
+                .map_err(|e| VmError::hypervisor(Op::Network, e))?,
+            Some(crate::hypervisor::PowerState::Running | crate::hypervisor::PowerState::Paused)
+        ))
+    }
+
+    /// Whether the running domain has the NIC (by MAC).
+    async fn plugged(&self) -> Result<bool, VmError> {
+        let xml = self
+            .ctx
+            .hv
+            .domain_xml(self.member.vps_id)
+            .await
+            .map_err(|e| VmError::hypervisor(Op::Network, e))?;
+        Ok(xml.contains(&format!("<mac address='{}'/>", self.member.mac)))
+    }
+
+    fn net_err(e: crate::network::NetworkError) -> VmError {
+        VmError::NetworkFailed(e.to_string())
+    }
+
+    async fn step(&self, step: &'static str) -> Result<(), VmError> {
+        let ctx = &self.ctx;
+        let vm_id = self.member.vps_id;
+        match step {
+            "ensure_segment" => {
+                let n = self.network().await?;
+                ctx.net
+                    .ensure_segment_now(n.vni)
+                    .await
+                    .map_err(Self::net_err)
+            }
+            "update_filter" => net::refresh_filters(ctx, &[], Op::Network).await,
+            "plug_nic" => {
+                let vm = ctx.vm(vm_id).await?;
+                define(ctx, &vm, Op::Network).await?;
+                if self.running().await? && !self.plugged().await? {
+                    let n = self.network().await?;
+                    ctx.hv
+                        .attach_device_live(vm_id, self.nic_xml(n.vni))
+                        .await
+                        .map_err(|e| VmError::hypervisor(Op::Network, e))?;
+                }
+                if self.running().await? {
+                    net::plug(ctx, &vm, Op::Network).await?;
+                }
+                Ok(())
+            }
+            "update_guest" if self.attach => {
+                let vm = ctx.vm(vm_id).await?;
+                write_seed(ctx, &vm).await?;
+                if self.running().await? {
+                    let n = self.network().await?;
+                    self.guest_configure(n.subnet.prefix(), ctx.config.network.private.mtu)
+                        .await?;
+                }
+                Ok(())
+            }
+            "update_guest" => {
+                let dev = adapter(self.member.nic);
+                let script = format!(
+                    "ip addr flush dev {dev} 2>/dev/null; ip link set {dev} down 2>/dev/null; true"
+                );
+                if self.running().await? {
+                    guest_script(ctx, vm_id, &script).await?;
+                }
+                Ok(())
+            }
+            "unplug_nic" => {
+                if self.running().await? && self.plugged().await? {
+                    let n = self.network().await?;
+                    ctx.hv
+                        .detach_device_live(vm_id, self.nic_xml(n.vni))
+                        .await
+                        .map_err(|e| VmError::hypervisor(Op::Network, e))?;
+                }
+                Ok(())
+            }
+            "release_member" => {
+                let id = self.member.id;
+                ctx.store
+                    .call(move |c| store::networks::delete_member(c, id))
+                    .await?;
+                let vm = ctx.vm(vm_id).await?;
+                define(ctx, &vm, Op::Network).await?;
+                write_seed(ctx, &vm).await?;
+                let nic = net::private_nic(vm_id, &self.member, &self.network().await?);
+                ctx.net.remove_nic(&nic).await.map_err(Self::net_err)
+            }
+            other => Err(VmError::Internal(format!("unknown NIC step {other}"))),
+        }
+    }
+
+    /// Names the hot-plugged NIC as the seed will (`ethN`) and gives it its address.
+    async fn guest_configure(&self, prefix: u8, mtu: u32) -> Result<(), VmError> {
+        let (mac, dev) = (self.member.mac.to_lowercase(), adapter(self.member.nic));
+        let addr = self.member.address.to_string();
+        let (mac, dev, addr) = (shell_safe(&mac)?, shell_safe(&dev)?, shell_safe(&addr)?);
+        // udev renames a new NIC shortly after it appears: let it finish first.
+        let script = format!(
+            "for i in $(seq 40); do \
+               udevadm settle -t 5 2>/dev/null; \
+               cur=$(ip -o link | awk -v m={mac} 'tolower($0) ~ m {{sub(/:$/, \"\", $2); print $2; exit}}'); \
+               [ -n \"$cur\" ] && break; sleep 0.25; done; \
+             udevadm settle -t 5 2>/dev/null; \
+             cur=$(ip -o link | awk -v m={mac} 'tolower($0) ~ m {{sub(/:$/, \"\", $2); print $2; exit}}'); \
+             [ -n \"$cur\" ] || exit 3; \
+             if [ \"$cur\" != {dev} ]; then ip link set dev \"$cur\" down; ip link set dev \"$cur\" name {dev}; fi; \
+             ip link set dev {dev} mtu {mtu}; \
+             ip addr replace {addr}/{prefix} dev {dev}; ip link set dev {dev} up"
+        );
+        guest_script(&self.ctx, self.member.vps_id, &script).await?;
+        Ok(())
+    }
+
+    async fn undo(&self, step: &'static str) -> Result<(), VmError> {
+        if !self.attach {
+            return Ok(());
+        }
+        let ctx = &self.ctx;
+        match step {
+            // Attaching failed: the membership and everything made for it go.
+            "ensure_segment" => {
+                let id = self.member.id;
+                ctx.store
+                    .call(move |c| store::networks::delete_member(c, id))
+                    .await?;
+                net::refresh_filters(ctx, &[], Op::Network).await
+            }
+            "plug_nic" => {
+                if self.running().await? && self.plugged().await? {
+                    let n = self.network().await?;
+                    let _ = ctx
+                        .hv
+                        .detach_device_live(self.member.vps_id, self.nic_xml(n.vni))
+                        .await;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Operation for NicOp {
+    type Error = VmError;
+
+    fn steps(&self) -> &'static [&'static str] {
+        if self.attach {
+            ATTACH_STEPS
+        } else {
+            DETACH_STEPS
+        }
+    }
+
+    fn rolls_back(&self) -> bool {
+        self.attach
+    }
+
+    fn run_step<'a>(
+        &'a self,
+        step: &'static str,
+        _ctx: &'a StepCtx,
+    ) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(self.step(step))
+    }
+
+    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(async move {
+            self.undo(step).await?;
+            if step == "ensure_segment" {
+                // After the membership is gone, the definition and seed follow.
+                let vm = self.ctx.vm(self.member.vps_id).await?;
+                define(&self.ctx, &vm, Op::Network).await?;
+                write_seed(&self.ctx, &vm).await?;
+            }
+            Ok(())
+        })
+    }
+}
