@@ -8,9 +8,13 @@
 //! starts with `E` gets every byte echoed. hvnode's side is the agent's own proxy loop
 //! (`console::proxy::pump_io`, the code that carries RFB from libvirt's graphics fd) behind
 //! an axum WebSocket route; websockify forwards to the same source. The client is one
-//! tokio-tungstenite program for both. Reported: bulk throughput (median of 5 streams) and
-//! round-trip latency of 2000 small echoes (p50, p99), with the source's own direct TCP
-//! round trip as the floor both add to.
+//! tokio-tungstenite program for both. Each proxy runs in its own process (hvnode's is
+//! this bench binary started again with `--proxy-child`), so the CPU time each one spends
+//! is read from /proc and reported per GiB carried: on a small machine the one client
+//! bounds both proxies' throughput, and CPU per byte shows what each costs. Reported: bulk
+//! throughput (median of 5 streams), CPU seconds per GiB, and round-trip latency of 2000
+//! small echoes (p50, p99), with the source's own direct TCP round trip as the floor both
+//! add to.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -30,14 +34,51 @@ const ECHOES: usize = 2000;
 const ECHO_BYTES: usize = 32;
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
+    if let Some(i) = args.iter().position(|a| a == "--proxy-child") {
+        let target: SocketAddr = args[i + 1].parse().unwrap();
+        rt.block_on(async move {
+            let addr = hvnode_proxy(target).await;
+            println!("{addr}");
+            std::future::pending::<()>().await
+        });
+        return;
+    }
     rt.block_on(run());
+}
+
+/// CPU seconds (user + system) a process and its reaped children have used, from /proc.
+/// websockify forks a process per connection; it counts once that child has exited.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11..15].iter().map(|v| v.parse::<f64>().unwrap()).sum();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The agent's proxy in its own process: this binary again, with `--proxy-child`.
+fn hvnode_child(target: SocketAddr) -> (Websockify, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg("--proxy-child")
+        .arg(target.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (Websockify(child), line.trim().parse().unwrap())
 }
 
 async fn source() -> SocketAddr {
@@ -212,26 +253,50 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 async fn run() {
     let target = source().await;
-    let ours = hvnode_proxy(target).await;
-    let (_ws_child, theirs) = websockify(target);
+    let (ours_child, ours) = hvnode_child(target);
+    let (theirs_child, theirs) = websockify(target);
+    let (ours_pid, theirs_pid) = (ours_child.0.id(), theirs_child.0.id());
 
     // Warm both up, then interleave so both see the same machine.
     bulk(ours).await;
     bulk(theirs).await;
     let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut cpu_a, mut cpu_b) = (0.0, 0.0);
     for _ in 0..STREAMS {
+        let c = cpu_seconds(ours_pid);
         a.push(bulk(ours).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cpu_a += cpu_seconds(ours_pid) - c;
+        let c = cpu_seconds(theirs_pid);
         b.push(bulk(theirs).await);
+        // Let websockify reap the connection's process so its CPU time counts.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cpu_b += cpu_seconds(theirs_pid) - c;
     }
+    let gib = (STREAMS * BULK_MIB) as f64 / 1024.0;
+    let (per_a, per_b) = (cpu_a / gib, cpu_b / gib);
     let (ta, tb) = (median(a), median(b));
-    let direct = echo_direct(target).await;
-    let ea = echo_ws(ours).await;
-    let eb = echo_ws(theirs).await;
+    // Three interleaved rounds each, pooled.
+    let (mut direct, mut ea, mut eb) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        direct.extend(echo_direct(target).await);
+        ea.extend(echo_ws(ours).await);
+        eb.extend(echo_ws(theirs).await);
+    }
+    for v in [&mut direct, &mut ea, &mut eb] {
+        v.sort_by(f64::total_cmp);
+    }
 
-    println!("console proxy: {BULK_MIB} MiB bulk streams (median of {STREAMS}), {ECHOES} echoes of {ECHO_BYTES} B");
+    println!("console proxy: {BULK_MIB} MiB bulk streams (median of {STREAMS}), 3 x {ECHOES} echoes of {ECHO_BYTES} B");
     println!(
         "  throughput  hvnode {ta:8.1} MiB/s   websockify {tb:8.1} MiB/s   ratio {:.2}x",
         ta / tb
+    );
+    println!(
+        "  proxy CPU   hvnode {per_a:8.3} s/GiB   websockify {per_b:8.3} s/GiB   ratio {:.2}x (GiB per CPU-second: {:.2} vs {:.2})",
+        per_b / per_a,
+        1.0 / per_a,
+        1.0 / per_b
     );
     println!(
         "  round trip  direct TCP p50 {:6.1} us  p99 {:6.1} us",

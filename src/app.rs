@@ -8,13 +8,13 @@ use serde::Serialize;
 use crate::api::auth::{SocketPolicy, TokenSet};
 use crate::config::Config;
 use crate::console::Tickets;
-use crate::hypervisor::{Hypervisor, Libvirt};
+use crate::hypervisor::{Hypervisor, Libvirt, PowerState};
 use crate::metrics::{RequestCounters, Sampler};
 use crate::node::{self, CpuFigures, FsUsage, HostFacts, MemoryFigures, NodeMonitor};
 use crate::store::{Allocation, Store, StoreError};
 use crate::tasks::webhooks::{Deliverer, Outbox};
 use crate::tasks::{faults::FaultPoints, TaskEngine};
-use crate::vm::{VmError, VmManager};
+use crate::vm::{VmError, VmManager, VmStatus};
 
 pub struct App {
     pub config: Arc<Config>,
@@ -137,10 +137,26 @@ impl App {
         max_age: std::time::Duration,
     ) -> Result<crate::metrics::StatusDoc, VmError> {
         let (vm, status) = self.vms.row_with_status(id).await?;
-        let sample = self
+        let mut sample = self
             .sampler
             .fresh_within(id, max_age.min(self.sampler.interval()))
             .await;
+        // A power action since that sample (suspend, resume, stop): libvirt already says
+        // so, the sample does not yet. Sample again rather than answer stale.
+        let paused = |s: &crate::metrics::Sample| s.stats.state == PowerState::Paused;
+        let stale = match (&sample, status) {
+            (Some(s), VmStatus::Suspended) => !paused(s),
+            (Some(s), VmStatus::Running) => paused(s),
+            (Some(_), VmStatus::Stopped) => true,
+            (None, VmStatus::Running | VmStatus::Suspended) => true,
+            _ => false,
+        };
+        if stale {
+            sample = self
+                .sampler
+                .fresh_within(id, std::time::Duration::ZERO)
+                .await;
+        }
         Ok(crate::metrics::status::document(
             &vm,
             status,

@@ -21,7 +21,7 @@ use super::{ok, ApiResult};
 use crate::app::App;
 use crate::console::{self, ConsoleKind, Grant, TicketError};
 use crate::errors::ErrorCode;
-use crate::vm::VmStatus;
+use crate::hypervisor::PowerState;
 
 const MAX_TTL_S: u64 = 300;
 
@@ -64,7 +64,10 @@ pub async fn console_create(
         ));
     }
     let (_, status) = app.vms.row_with_status(id).await?;
-    if !matches!(status, VmStatus::Running | VmStatus::Suspended) {
+    // A deploying VM's console is useful too (watching it boot): what counts is that QEMU
+    // runs it.
+    let power = app.vms.hypervisor().power_state(id).await.ok().flatten();
+    if !matches!(power, Some(PowerState::Running | PowerState::Paused)) {
         return Err(ApiError::new(
             ErrorCode::InvalidState,
             format!(

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::hypervisor::ConsoleSession;
 
 /// Bytes read from the console per message at most.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
 
 /// Proxies `ws` to a byte stream (the VNC socket) until either side ends.
 pub async fn pump_io<S>(ws: WebSocket, io: S)
