@@ -84,7 +84,12 @@ async fn run() {
     for n in [1usize, 10, 50] {
         let doms = Domains::start(&conn, n);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let sampler = Sampler::new(hv.clone(), Duration::from_secs(1), Duration::from_secs(2));
+        let sampler = Sampler::new(
+            hv.clone(),
+            None,
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+        );
         sampler.sweep().await;
         let cpu = process_cpu_time();
         let wall = std::time::Instant::now();

@@ -55,6 +55,7 @@ impl App {
         let outbox = Outbox::default();
         let sampler = Sampler::new(
             hv.clone(),
+            Some(store.clone()),
             std::time::Duration::from_millis(config.metrics.interval_ms),
             std::time::Duration::from_millis(config.metrics.qmp_timeout_ms),
         );

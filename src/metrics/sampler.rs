@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::hypervisor::{DomainStats, Hypervisor};
+use crate::store::Store;
 
 /// What the latest sweep saw of one running VM.
 #[derive(Debug, Clone)]
@@ -63,6 +64,9 @@ struct Latest {
 
 struct Inner {
     hv: Arc<dyn Hypervisor>,
+    /// When set, only domains with a record here are sampled: hvnode never sends monitor
+    /// commands to (or reports) domains it does not own.
+    store: Option<Store>,
     interval: Duration,
     qmp_timeout: Duration,
     pid_dir: std::path::PathBuf,
@@ -81,11 +85,17 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(hv: Arc<dyn Hypervisor>, interval: Duration, qmp_timeout: Duration) -> Sampler {
+    pub fn new(
+        hv: Arc<dyn Hypervisor>,
+        store: Option<Store>,
+        interval: Duration,
+        qmp_timeout: Duration,
+    ) -> Sampler {
         let pid_dir = pid_dir(hv.uri());
         Sampler {
             inner: Arc::new(Inner {
                 hv,
+                store,
                 interval,
                 qmp_timeout,
                 pid_dir,
@@ -166,8 +176,24 @@ impl Sampler {
     pub async fn sweep(&self) -> usize {
         let wall = Instant::now();
         let cpu = process_cpu_time();
+        let owned = match &self.inner.store {
+            Some(store) => match store.call(|c| crate::store::vms::ids(c)).await {
+                Ok(ids) => Some(ids.into_iter().collect::<HashSet<Uuid>>()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics sweep cannot read the store");
+                    self.update_figures(|f| f.failures += 1);
+                    return 0;
+                }
+            },
+            None => None,
+        };
         let stats = match self.inner.hv.all_stats().await {
-            Ok(s) => s,
+            Ok(mut s) => {
+                if let Some(owned) = &owned {
+                    s.retain(|d| owned.contains(&d.id));
+                }
+                s
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics sweep failed");
                 self.update_figures(|f| f.failures += 1);

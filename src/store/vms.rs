@@ -147,6 +147,19 @@ pub fn list(conn: &Connection) -> Result<Vec<VmRow>> {
     rows.map(|r| finish_vm(r?)).collect()
 }
 
+/// The ids of every VM record.
+pub fn ids(conn: &Connection) -> Result<Vec<Uuid>> {
+    let mut stmt = conn.prepare("SELECT id FROM vms")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for r in rows {
+        if let Ok(id) = r?.parse::<Uuid>() {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
 pub fn insert(conn: &Connection, vm: &VmRow) -> Result<()> {
     let sql = format!(
         "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,

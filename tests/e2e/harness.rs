@@ -429,7 +429,9 @@ pub fn guest_exec(id: &str, path: &str, args: &[&str]) -> (i64, String) {
     let pid = serde_json::from_str::<Value>(out.trim()).unwrap()["return"]["pid"]
         .as_i64()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Generous: with the whole suite's guests booting at once under TCG on two cores, a
+    // command like `cloud-init status --wait` can take minutes.
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let status = json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
         let (ok, out) = virsh(&["qemu-agent-command", id, &status.to_string()]);
