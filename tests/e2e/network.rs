@@ -95,32 +95,56 @@ fn vxlan_diagnostics(id: &str, vni: u32) -> String {
     format!("{host}\n--- guest\n{guest}")
 }
 
-/// Listens on the observer for UDP datagrams for `window`; returns the payloads.
-fn observe_udp(rig: &Rig, window: Duration) -> std::thread::JoinHandle<Vec<String>> {
-    let addr = format!("{}:9999", rig.addr(OBSERVER));
-    spawn_in_netns("hvobs", move || {
-        let sock = UdpSocket::bind(&addr).expect("bind observer");
-        sock.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let deadline = Instant::now() + window;
-        let mut got = Vec::new();
-        let mut buf = [0u8; 256];
-        while Instant::now() < deadline {
-            if let Ok(n) = sock.recv(&mut buf) {
-                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-        got
-    })
+/// A UDP listener on the observer port that records payloads until told to stop, so a
+/// slow guest (TCG, a loaded CI host) cannot send after a fixed window has closed.
+struct Observer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<String>>,
 }
 
-/// Sends five UDP datagrams saying `mark` from the guest, bound to `source`.
+impl Observer {
+    fn start(rig: &Rig) -> Observer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let addr = format!("{}:9999", rig.addr(OBSERVER));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = spawn_in_netns("hvobs", move || {
+            let sock = UdpSocket::bind(&addr).expect("bind observer");
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+            got
+        });
+        ready_rx.recv().expect("observer is listening");
+        Observer { stop, thread }
+    }
+
+    /// Keeps listening for a grace period for datagrams still in flight, then returns
+    /// everything received.
+    fn finish(self) -> Vec<String> {
+        std::thread::sleep(Duration::from_secs(1));
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Sends five UDP datagrams saying `mark` from the guest, bound to `source`; panics if the
+/// guest could not send them (so "nothing arrived" always means "dropped on the way").
 fn guest_udp(id: &str, source: &str, observer: &str, mark: &str) {
     let script = format!(
         "python3 -c \"import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
          s.bind(('{source}',0))\nfor _ in range(5):\n  s.sendto(b'{mark}',('{observer}',9999)); time.sleep(0.2)\""
     );
-    guest_sh(id, &script);
+    let (code, out) = guest_sh(id, &format!("{script} 2>&1"));
+    assert_eq!(code, 0, "the guest sent {mark} from {source}: {out}");
 }
 
 /// Measures the guest's upload to a receiver on the rig's bridge address, in Mbit/s,
@@ -286,35 +310,38 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     let check_spoofing = |label: &'static str| {
         let (a, ip_a, observer, rig) = (a.clone(), ip_a.clone(), observer.clone(), rig.clone());
         async move {
-            let seen = observe_udp(&rig, Duration::from_secs(4));
+            let seen = Observer::start(&rig);
             guest_udp(&a, &ip_a, &observer, "legit");
             assert!(
-                seen.join().unwrap().contains(&"legit".to_string()),
+                seen.finish().contains(&"legit".to_string()),
                 "{label}: own address passes"
             );
 
             let forged = rig.addr(FOREIGN);
             guest_sh(&a, &format!("ip addr add {forged}/32 dev eth0"));
-            let seen = observe_udp(&rig, Duration::from_secs(4));
+            let seen = Observer::start(&rig);
             guest_udp(&a, &forged, &observer, "forged-ip");
             assert!(
-                seen.join().unwrap().is_empty(),
+                seen.finish().is_empty(),
                 "{label}: a foreign source address is dropped"
             );
             guest_sh(&a, &format!("ip addr del {forged}/32 dev eth0"));
 
             let (_, mac) = guest_sh(&a, "cat /sys/class/net/eth0/address");
-            guest_sh(&a, "ip link set eth0 down; ip link set eth0 address 52:54:00:66:66:66; ip link set eth0 up");
-            let seen = observe_udp(&rig, Duration::from_secs(4));
+            // A static neighbour entry makes the guest send real UDP frames under the forged
+            // MAC (rather than ARP requests that never resolve).
+            let (_, obs_mac) = sh("ip netns exec hvobs cat /sys/class/net/hvobs1/address");
+            guest_sh(&a, &format!(
+                "ip link set eth0 down; ip link set eth0 address 52:54:00:66:66:66; ip link set eth0 up; \
+                 ip neigh replace {observer} lladdr {} dev eth0 nud permanent", obs_mac.trim()));
+            let seen = Observer::start(&rig);
             guest_udp(&a, &ip_a, &observer, "forged-mac");
-            assert!(
-                seen.join().unwrap().is_empty(),
-                "{label}: a forged MAC is dropped"
-            );
+            assert!(seen.finish().is_empty(), "{label}: a forged MAC is dropped");
             guest_sh(
                 &a,
                 &format!(
-                    "ip link set eth0 down; ip link set eth0 address {}; ip link set eth0 up",
+                    "ip neigh del {observer} dev eth0; ip link set eth0 down; \
+                     ip link set eth0 address {}; ip link set eth0 up",
                     mac.trim()
                 ),
             );
