@@ -48,6 +48,7 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     pub metrics: MetricsConfig,
     pub console: ConsoleConfig,
+    pub snapshots: SnapshotsConfig,
     pub log: LogConfig,
 }
 
@@ -410,6 +411,29 @@ impl Default for ConsoleConfig {
     }
 }
 
+/// Snapshots of VM disks (internal qcow2 snapshots, see `vm::snapshots`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotsConfig {
+    /// Snapshots one VM may hold.
+    pub max_per_vm: usize,
+    /// A snapshot is refused when the VM storage's free space, minus what the snapshot
+    /// will store at once (the guest's memory for `include_ram`), would fall below this.
+    pub min_free_gb: u64,
+    /// Longest a snapshot job (saving or loading guest memory) may run.
+    pub job_timeout_s: u64,
+}
+
+impl Default for SnapshotsConfig {
+    fn default() -> Self {
+        Self {
+            max_per_vm: 10,
+            min_free_gb: 10,
+            job_timeout_s: 600,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -463,6 +487,11 @@ impl Config {
         if self.metrics.interval_ms < 100 {
             return Err(ConfigError::Invalid(
                 "metrics.interval_ms must be at least 100".into(),
+            ));
+        }
+        if self.snapshots.max_per_vm == 0 || self.snapshots.job_timeout_s == 0 {
+            return Err(ConfigError::Invalid(
+                "snapshots.max_per_vm and snapshots.job_timeout_s must be positive".into(),
             ));
         }
         if !(1..=300).contains(&self.console.ticket_ttl_s) {

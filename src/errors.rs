@@ -48,10 +48,18 @@ pub enum ErrorCode {
     NetworkFailed,
     /// Added: a WebSocket route was called without a WebSocket upgrade (426).
     WebsocketRequired,
+    /// Added: the VM already has a snapshot of that name (409).
+    SnapshotExists,
+    /// Added: the VM holds the configured maximum of snapshots (409).
+    SnapshotLimit,
+    /// Added: the VM storage would fall below its free-space floor (507).
+    InsufficientStorage,
+    /// Added: taking, reverting to or deleting a snapshot failed on the host (500).
+    SnapshotFailed,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 39] = [
+    pub const ALL: [ErrorCode; 43] = [
         ErrorCode::NoApiKey,
         ErrorCode::InvalidApiKey,
         ErrorCode::VpsNotFound,
@@ -91,6 +99,10 @@ impl ErrorCode {
         ErrorCode::DeploymentFailed,
         ErrorCode::NetworkFailed,
         ErrorCode::WebsocketRequired,
+        ErrorCode::SnapshotExists,
+        ErrorCode::SnapshotLimit,
+        ErrorCode::InsufficientStorage,
+        ErrorCode::SnapshotFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -134,6 +146,10 @@ impl ErrorCode {
             ErrorCode::DeploymentFailed => "DEPLOYMENT_FAILED",
             ErrorCode::NetworkFailed => "NETWORK_FAILED",
             ErrorCode::WebsocketRequired => "WEBSOCKET_REQUIRED",
+            ErrorCode::SnapshotExists => "SNAPSHOT_EXISTS",
+            ErrorCode::SnapshotLimit => "SNAPSHOT_LIMIT",
+            ErrorCode::InsufficientStorage => "INSUFFICIENT_STORAGE",
+            ErrorCode::SnapshotFailed => "SNAPSHOT_FAILED",
         }
     }
 

@@ -107,6 +107,10 @@ fn protected_routes() -> Vec<(Method, String)> {
         (Method::GET, format!("/v1/vms/{VM}/status/stream")),
         (Method::POST, format!("/v1/vms/{VM}/console")),
         (Method::GET, "/metrics".into()),
+        (Method::GET, format!("/v1/vms/{VM}/snapshots")),
+        (Method::POST, format!("/v1/vms/{VM}/snapshots")),
+        (Method::DELETE, format!("/v1/vms/{VM}/snapshots/s1")),
+        (Method::POST, format!("/v1/vms/{VM}/snapshots/s1/rollback")),
     ];
     for action in [
         "start",
@@ -614,4 +618,61 @@ async fn metrics_are_prometheus_text_with_request_counts() {
         "{text}"
     );
     assert!(text.contains("hvnode_up 0"), "libvirt is down here: {text}");
+}
+
+#[tokio::test]
+async fn snapshot_routes_answer_in_the_envelope() {
+    let h = harness();
+    let snaps = format!("/v1/vms/{VM}/snapshots");
+    let calls = [
+        (
+            Method::GET,
+            snaps.clone(),
+            Body::empty(),
+            404,
+            "VPS_NOT_FOUND",
+        ),
+        (
+            Method::POST,
+            snaps.clone(),
+            Body::from(r#"{"name": "s1"}"#),
+            404,
+            "VPS_NOT_FOUND",
+        ),
+        (
+            Method::POST,
+            snaps.clone(),
+            Body::from("{not json"),
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            Method::POST,
+            format!("{snaps}/s1/rollback"),
+            Body::empty(),
+            404,
+            "VPS_NOT_FOUND",
+        ),
+        (
+            Method::DELETE,
+            format!("{snaps}/s1"),
+            Body::empty(),
+            404,
+            "VPS_NOT_FOUND",
+        ),
+        (
+            Method::PUT,
+            format!("{snaps}/s1"),
+            Body::empty(),
+            405,
+            "METHOD_NOT_ALLOWED",
+        ),
+    ];
+    for (method, path, body, status, code) in calls {
+        let mut req = request(method.clone(), &path, Some(TOKEN), body);
+        req.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        let (s, b) = send(&h, req).await;
+        assert_error(s, &b, status, code);
+    }
 }

@@ -18,15 +18,16 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
         | RouteNotFound => StatusCode::NOT_FOUND,
         MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         VpsExists | TaskInProgress | InvalidState | InsufficientCapacity | IpPoolExhausted
-        | IpInUse => StatusCode::CONFLICT,
+        | IpInUse | SnapshotExists | SnapshotLimit => StatusCode::CONFLICT,
         MissingFields | InvalidJson | InvalidHostname | PasswordTooShort | PasswordTooLong
         | PasswordWeak | InvalidSshKey | InvalidTemplate | InvalidName | InvalidResources
         | ConfirmationRequired | PrimaryIp => StatusCode::BAD_REQUEST,
         PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         HypervisorUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         StartFailed | StopFailed | RestartFailed | DeleteFailed | StatusFailed | ConsoleFailed
-        | DeploymentFailed | NetworkFailed => StatusCode::INTERNAL_SERVER_ERROR,
+        | DeploymentFailed | NetworkFailed | SnapshotFailed => StatusCode::INTERNAL_SERVER_ERROR,
         WebsocketRequired => StatusCode::UPGRADE_REQUIRED,
+        InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
     }
 }
 
@@ -73,6 +74,10 @@ fn title(code: ErrorCode) -> &'static str {
         DeploymentFailed => "Deployment failed",
         NetworkFailed => "Network configuration failed",
         WebsocketRequired => "WebSocket upgrade required",
+        SnapshotExists => "Snapshot exists",
+        SnapshotLimit => "Snapshot limit reached",
+        InsufficientStorage => "Insufficient storage",
+        SnapshotFailed => "Snapshot failed",
     }
 }
 
@@ -187,6 +192,10 @@ mod tests {
             ("DEPLOYMENT_FAILED", 500),
             ("NETWORK_FAILED", 500),
             ("WEBSOCKET_REQUIRED", 426),
+            ("SNAPSHOT_EXISTS", 409),
+            ("SNAPSHOT_LIMIT", 409),
+            ("INSUFFICIENT_STORAGE", 507),
+            ("SNAPSHOT_FAILED", 500),
         ];
 
         for (name, status) in expected {

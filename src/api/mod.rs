@@ -18,6 +18,7 @@ pub mod error;
 pub mod extract;
 mod networks;
 mod node;
+mod snapshots;
 mod status;
 mod tasks;
 mod vms;
@@ -102,6 +103,18 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/vms/{id}/resume", post(vms::vm_resume))
         .route("/v1/vms/{id}/reinstall", post(vms::vm_reinstall))
         .route("/v1/vms/{id}/resize", post(vms::vm_resize))
+        .route(
+            "/v1/vms/{id}/snapshots",
+            get(snapshots::snapshot_list).post(snapshots::snapshot_create),
+        )
+        .route(
+            "/v1/vms/{id}/snapshots/{name}",
+            delete(snapshots::snapshot_delete),
+        )
+        .route(
+            "/v1/vms/{id}/snapshots/{name}/rollback",
+            post(snapshots::snapshot_rollback),
+        )
         .route(
             "/v1/vms/{id}/ips",
             get(networks::ip_list).post(networks::ip_add),

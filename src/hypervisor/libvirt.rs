@@ -380,6 +380,37 @@ impl Hypervisor for Libvirt {
             })
     }
 
+    async fn start_paused(&self, id: Uuid) -> Result<()> {
+        self.with_domain("start", id, |d| {
+            d.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
+                .map(|_| ())
+                .or_else(|e| ok_if_already(e, "already running"))
+        })
+        .await
+    }
+
+    async fn qmp(&self, id: Uuid, command: serde_json::Value) -> Result<serde_json::Value> {
+        let op = "monitor command";
+        let text = command.to_string();
+        let reply = self
+            .with_domain(op, id, move |d| {
+                d.qemu_monitor_command(&text, sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT)
+            })
+            .await?;
+        let mut parsed: serde_json::Value =
+            serde_json::from_str(&reply).map_err(|e| HypervisorError::Failed {
+                op,
+                message: format!("unparseable reply: {e}"),
+            })?;
+        if let Some(err) = parsed.get("error") {
+            return Err(HypervisorError::Failed {
+                op,
+                message: err["desc"].as_str().unwrap_or("QEMU refused").to_owned(),
+            });
+        }
+        Ok(parsed["return"].take())
+    }
+
     async fn open_graphics(&self, id: Uuid) -> Result<std::os::fd::OwnedFd> {
         use std::os::fd::FromRawFd;
         let fd = self

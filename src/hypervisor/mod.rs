@@ -7,6 +7,7 @@
 //! so the agent keeps serving (health reports `degraded`) while libvirt is away.
 
 mod libvirt;
+pub mod snapshot;
 mod stats;
 
 use async_trait::async_trait;
@@ -133,6 +134,12 @@ pub trait Hypervisor: Send + Sync {
     /// QEMU's own run state (`query-status`: "running", "paused", "io-error", …), through
     /// libvirt's monitor passthrough.
     async fn qmp_status(&self, id: Uuid) -> Result<String>;
+    /// Starts the domain with its CPUs stopped (QEMU `-S`), e.g. to load a snapshot's memory
+    /// before the guest runs.
+    async fn start_paused(&self, id: Uuid) -> Result<()>;
+    /// Runs a QMP command (`{"execute": …, "arguments": …}`) on the domain's monitor and
+    /// returns its `return` value; a QMP error becomes `Failed` with QEMU's description.
+    async fn qmp(&self, id: Uuid, command: serde_json::Value) -> Result<serde_json::Value>;
     /// A socket connected to the domain's VNC server (no TCP listener involved).
     async fn open_graphics(&self, id: Uuid) -> Result<std::os::fd::OwnedFd>;
     /// The domain's serial console, through a libvirt stream.

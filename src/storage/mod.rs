@@ -12,6 +12,7 @@
 
 mod images;
 mod qcow2;
+mod snapshots;
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,7 @@ use crate::config::{CloneMode, StorageConfig};
 
 pub use images::{ImageStore, Template};
 pub use qcow2::virtual_size;
+pub use snapshots::{free_bytes, ImageSnapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -193,13 +195,18 @@ impl Disks {
     }
 
     async fn qemu_img(&self, args: &[&str]) -> Result<()> {
+        self.qemu_img_output(args).await.map(drop)
+    }
+
+    /// Runs qemu-img and returns its standard output.
+    async fn qemu_img_output(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(&self.qemu_img)
             .args(args)
             .output()
             .await
             .map_err(io_err("run", &self.qemu_img))?;
         if out.status.success() {
-            Ok(())
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(StorageError::QemuImg {
                 args: args.join(" "),

@@ -10,6 +10,7 @@
 
 pub mod networks;
 mod schema;
+pub mod snapshots;
 pub mod tasks;
 pub mod vms;
 
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 
 pub use networks::{MemberRow, NetworkRow};
+pub use snapshots::{SnapshotRow, SnapshotState};
 pub use tasks::{NewTask, StepRow, StepState, TaskFilter, TaskRow, TaskState};
 pub use vms::{Allocation, IpAllocation, VmRow, VmRowState};
 

@@ -104,6 +104,17 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (vps_id, nic)
     );
     CREATE INDEX memberships_by_vps ON memberships(vps_id);",
+    // 4: snapshots (internal qcow2 snapshots of each VM's disk) and what the disk held.
+    "CREATE TABLE snapshots (
+        vps_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        vmstate INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        disk_bytes INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (vps_id, name)
+    );",
 ];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {

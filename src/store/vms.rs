@@ -264,6 +264,7 @@ pub fn delete(conn: &Connection, id: Uuid) -> Result<()> {
         "DELETE FROM ip_allocations WHERE vps_id = ?1",
         [id.to_string()],
     )?;
+    super::snapshots::delete_all(conn, id)?;
     Ok(())
 }
 

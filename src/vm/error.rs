@@ -20,6 +20,7 @@ pub enum Op {
     Status,
     /// Addresses, private networks.
     Network,
+    Snapshot,
 }
 
 impl Op {
@@ -32,6 +33,7 @@ impl Op {
             Op::Delete => ErrorCode::DeleteFailed,
             Op::Status => ErrorCode::StatusFailed,
             Op::Network => ErrorCode::NetworkFailed,
+            Op::Snapshot => ErrorCode::SnapshotFailed,
         }
     }
 
@@ -42,6 +44,7 @@ impl Op {
             Op::Delete => "delete",
             Op::Status => "read status of",
             Op::Network => "change the network of",
+            Op::Snapshot => "snapshot",
         }
     }
 }
@@ -83,6 +86,14 @@ pub enum VmError {
     NetworkFailed(String),
     #[error("{0}")]
     PoolExhausted(String),
+    #[error("snapshot {0:?} not found")]
+    SnapshotNotFound(String),
+    #[error("the VPS already has a snapshot named {0:?}")]
+    SnapshotExists(String),
+    #[error("the VPS already holds {0} snapshots (snapshots.max_per_vm); delete one first")]
+    SnapshotLimit(usize),
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// A failure read back from the task journal.
     #[error("{message}")]
     Recorded { code: ErrorCode, message: String },
@@ -110,6 +121,10 @@ impl VmError {
             VmError::NetworkNotFound(_) => ErrorCode::NetworkNotFound,
             VmError::NetworkFailed(_) => ErrorCode::NetworkFailed,
             VmError::PoolExhausted(_) => ErrorCode::IpPoolExhausted,
+            VmError::SnapshotNotFound(_) => ErrorCode::SnapshotNotFound,
+            VmError::SnapshotExists(_) => ErrorCode::SnapshotExists,
+            VmError::SnapshotLimit(_) => ErrorCode::SnapshotLimit,
+            VmError::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
             VmError::Recorded { code, .. } => *code,
         }
     }

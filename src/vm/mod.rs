@@ -34,6 +34,7 @@ mod readiness;
 mod recover;
 mod reinstall;
 mod resize;
+pub mod snapshots;
 pub mod state;
 pub mod validate;
 

@@ -40,6 +40,9 @@ impl VmManager {
                 "delete" => "delete",
                 "reinstall" => "reinstall",
                 "resize" => "resize",
+                "snapshot_create" => "snapshot_create",
+                "snapshot_rollback" => "snapshot_rollback",
+                "snapshot_delete" => "snapshot_delete",
                 _ => "other",
             };
             let claim = match self.ctx.engine.claim(task.vps_id, task.id, kind) {
@@ -106,6 +109,23 @@ impl VmManager {
                             let _ = ctx.engine.run(claim, "resize", op).await;
                         });
                     }
+                }
+                kind if super::snapshots::Kind::parse(kind).is_some() => {
+                    // An interrupted create is unwound (its moment has passed); rollbacks
+                    // and deletes are repeated, each step being idempotent.
+                    let snap_kind = super::snapshots::Kind::parse(kind).expect("checked");
+                    tracing::info!(task = %task.id, vps = %task.vps_id, kind, "recovering snapshot task");
+                    report.resumed.push(task.id);
+                    let op = super::snapshots::SnapshotOp::resumed(
+                        ctx.clone(),
+                        task.vps_id,
+                        snap_kind,
+                        task.input.clone(),
+                    )?;
+                    tokio::spawn(async move {
+                        let kind = op.kind_str();
+                        let _ = ctx.engine.run(claim, kind, op).await;
+                    });
                 }
                 kind => {
                     // A power action's caller is gone with the old process; its effect (or

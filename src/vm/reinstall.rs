@@ -202,15 +202,20 @@ impl ReinstallOp {
         self.ctx
             .store
             .call(move |c| {
+                let tx = c.transaction()?;
                 store::vms::set_install(
-                    c,
+                    &tx,
                     id,
                     &input.template_id,
                     &input.password_hash,
                     &input.ssh_keys,
                     &input.instance_id,
                     &now,
-                )
+                )?;
+                // The snapshots lived in the old disk, which goes now.
+                store::snapshots::delete_all(&tx, id)?;
+                tx.commit()?;
+                Ok(())
             })
             .await?;
         crate::storage::remove_file_if_exists(&self.prev_disk())

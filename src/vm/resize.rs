@@ -234,6 +234,12 @@ impl ResizeOp {
             .remove_disk(self.id)
             .await
             .map_err(|e| VmError::storage(Op::Deploy, e))?;
+        // The snapshots lived in the erased disk.
+        let id = self.id;
+        self.ctx
+            .store
+            .call(move |c| crate::store::snapshots::delete_all(c, id))
+            .await?;
         self.ctx
             .disks
             .create_disk(self.id, &template, self.input.new.2)

@@ -13,3 +13,4 @@ mod lifecycle;
 mod network;
 mod reconcile;
 mod reinstall_resize;
+mod snapshots;

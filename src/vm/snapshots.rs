@@ -1,0 +1,701 @@
+//! Snapshots: internal qcow2 snapshots of a VM's disk, optionally with the guest's memory.
+//!
+//! | VM is      | create (disk only)              | create (`include_ram`)  | rollback                      |
+//! |------------|---------------------------------|-------------------------|-------------------------------|
+//! | running    | fsfreeze + QMP internal snapshot | QMP `snapshot-save` job | RAM: `snapshot-load` live; disk only: power off, revert, boot |
+//! | paused     | QMP internal snapshot            | QMP `snapshot-save` job | as running                    |
+//! | stopped    | `qemu-img snapshot -c`           | refused (no memory)     | RAM: start paused, load, resume; disk only: `qemu-img snapshot -a`, stays off |
+//!
+//! After a rollback the VM is running if it was running before, or if the snapshot holds
+//! memory (which is the state of a running guest). A disk grown after the snapshot was taken
+//! is grown back to the VM's size after the revert (the data is the snapshot's).
+//!
+//! Each call is a task holding the VM's claim, so snapshots never race a power action,
+//! resize or delete. A record is written (`creating`) when the snapshot is admitted, under
+//! the same transaction as the name and limit checks; an interrupted create is unwound at
+//! the next start (the half-made snapshot is deleted from the disk), interrupted rollbacks
+//! and deletes are repeated. Deleting the VM removes its snapshots with its disk; reinstall
+//! and a shrinking resize re-clone the disk, so they remove its snapshots too (the
+//! listing is emptied in the same task).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::validate::{self, ValidationError};
+use super::{net, Ctx, Op, VmError, VmManager};
+use crate::hypervisor::{snapshot as live, HypervisorError, PowerState};
+use crate::store::{self, NewTask, SnapshotRow, SnapshotState, VmRowState};
+use crate::tasks::{BoxFuture, Operation, StepCtx};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+const MAX_DESCRIPTION: usize = 500;
+
+pub(crate) const CREATE_STEPS: &[&str] = &["take_snapshot", "record_snapshot"];
+pub(crate) const ROLLBACK_STEPS: &[&str] = &["prepare_vm", "revert_disk", "restore_power"];
+pub(crate) const DELETE_STEPS: &[&str] = &["delete_snapshot", "forget_snapshot"];
+
+/// `POST /v1/vms/{id}/snapshots`.
+#[derive(Debug, Default, Deserialize)]
+pub struct CreateSnapshotRequest {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub include_ram: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub name: String,
+    pub description: String,
+    pub created_at: String,
+    /// Holds the guest's memory: a rollback resumes the guest where it was.
+    pub vmstate: bool,
+}
+
+impl From<SnapshotRow> for Snapshot {
+    fn from(r: SnapshotRow) -> Snapshot {
+        Snapshot {
+            name: r.name,
+            description: r.description,
+            created_at: r.created_at,
+            vmstate: r.vmstate,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotList {
+    pub vps_id: Uuid,
+    pub snapshots: Vec<Snapshot>,
+    pub limits: SnapshotLimits,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotLimits {
+    pub max_snapshots: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotCreated {
+    pub vps_id: Uuid,
+    pub snapshot: Snapshot,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotDone {
+    pub vps_id: Uuid,
+    pub name: String,
+    /// The VM's status afterwards.
+    pub status: super::VmStatus,
+}
+
+/// What a snapshot task needs to run again after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SnapshotInput {
+    pub name: String,
+    pub include_ram: bool,
+    /// The VM was running (or paused) when the task was admitted.
+    pub was_running: bool,
+}
+
+fn deployed(vm: &store::VmRow) -> Result<(), VmError> {
+    match vm.state {
+        VmRowState::Active => Ok(()),
+        VmRowState::Deploying => Err(VmError::InvalidState("the VPS is still deploying".into())),
+        VmRowState::Failed => Err(VmError::InvalidState("the VPS failed to deploy".into())),
+    }
+}
+
+fn description(d: Option<String>) -> Result<String, VmError> {
+    let d = d.unwrap_or_default();
+    if d.chars().count() > MAX_DESCRIPTION || d.chars().any(|c| c.is_control()) {
+        return Err(ValidationError::InvalidField {
+            field: "description",
+            reason: format!("at most {MAX_DESCRIPTION} characters, no control characters"),
+        }
+        .into());
+    }
+    Ok(d)
+}
+
+impl VmManager {
+    pub async fn snapshots(&self, id: Uuid) -> Result<SnapshotList, VmError> {
+        self.ctx.vm(id).await?;
+        let rows = self
+            .ctx
+            .store
+            .call(move |c| store::snapshots::list(c, id))
+            .await?;
+        Ok(SnapshotList {
+            vps_id: id,
+            snapshots: rows
+                .into_iter()
+                .filter(|r| r.state == SnapshotState::Ready)
+                .map(Snapshot::from)
+                .collect(),
+            limits: SnapshotLimits {
+                max_snapshots: self.ctx.config.snapshots.max_per_vm,
+            },
+        })
+    }
+
+    pub async fn snapshot_create(
+        &self,
+        id: Uuid,
+        req: CreateSnapshotRequest,
+    ) -> Result<SnapshotCreated, VmError> {
+        let ctx = &self.ctx;
+        let vm = ctx.vm(id).await?;
+        let name = req
+            .name
+            .ok_or(ValidationError::MissingFields(vec!["name"]))?;
+        validate::snapshot_name(&name)?;
+        let description = description(req.description)?;
+        let include_ram = req.include_ram.unwrap_or(false);
+        deployed(&vm)?;
+        let claim = ctx.claim(id, "snapshot_create")?;
+        let was_running = running(ctx, id, Op::Snapshot).await?;
+        if include_ram && !was_running {
+            return Err(VmError::InvalidState(
+                "include_ram needs a running VPS: a stopped one has no memory to save".into(),
+            ));
+        }
+        // What the snapshot stores at once: the guest's memory. Disk-only snapshots start
+        // empty and grow as the guest rewrites data, which the floor leaves room for.
+        let needed = if include_ram { vm.ram_mb * MIB } else { 0 };
+        let floor = ctx.config.snapshots.min_free_gb * GIB;
+        let free = ctx
+            .disks
+            .free_bytes()
+            .map_err(|e| VmError::storage(Op::Snapshot, e))?;
+        if free < floor.saturating_add(needed) {
+            return Err(VmError::InsufficientStorage(format!(
+                "VM storage has {} MiB free; this snapshot needs {} MiB and {} GiB must stay \
+                 free (snapshots.min_free_gb)",
+                free / MIB,
+                needed / MIB,
+                floor / GIB
+            )));
+        }
+        let disk_bytes = crate::storage::virtual_size(&ctx.disks.disk_path(id))
+            .await
+            .map_err(|e| VmError::storage(Op::Snapshot, e))?;
+        let input = SnapshotInput {
+            name: name.clone(),
+            include_ram,
+            was_running,
+        };
+        let row = SnapshotRow {
+            vps_id: id,
+            name: name.clone(),
+            description,
+            vmstate: include_ram,
+            state: SnapshotState::Creating,
+            disk_bytes,
+            created_at: crate::time::now(),
+        };
+        let (task, max, now) = (
+            claim.task(),
+            ctx.config.snapshots.max_per_vm,
+            crate::time::now(),
+        );
+        let task_input =
+            serde_json::to_value(&input).map_err(|e| VmError::Internal(e.to_string()))?;
+        let inserted = row.clone();
+        ctx.store
+            .call(move |c| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let existing = store::snapshots::list(&tx, id)?;
+                if existing.iter().any(|s| s.name == inserted.name) {
+                    return Ok(Err(VmError::SnapshotExists(inserted.name)));
+                }
+                if existing.len() >= max {
+                    return Ok(Err(VmError::SnapshotLimit(max)));
+                }
+                store::snapshots::insert(&tx, &inserted)?;
+                store::tasks::insert(
+                    &tx,
+                    &NewTask {
+                        id: task,
+                        kind: "snapshot_create",
+                        vps_id: id,
+                        input: task_input,
+                        steps: CREATE_STEPS,
+                        now: &now,
+                    },
+                )?;
+                tx.commit()?;
+                Ok(Ok(()))
+            })
+            .await??;
+        tracing::info!(vps = %id, snapshot = %name, include_ram, was_running, "snapshot");
+        let op = SnapshotOp::new(self.ctx.clone(), id, Kind::Create, input);
+        ctx.engine.run(claim, "snapshot_create", op).await?;
+        let row = ctx
+            .store
+            .call(move |c| store::snapshots::get(c, id, &name))
+            .await?
+            .ok_or_else(|| VmError::Internal("snapshot record vanished".into()))?;
+        Ok(SnapshotCreated {
+            vps_id: id,
+            snapshot: row.into(),
+        })
+    }
+
+    pub async fn snapshot_rollback(&self, id: Uuid, name: &str) -> Result<SnapshotDone, VmError> {
+        self.snapshot_task(id, name, Kind::Rollback).await
+    }
+
+    pub async fn snapshot_delete(&self, id: Uuid, name: &str) -> Result<SnapshotDone, VmError> {
+        self.snapshot_task(id, name, Kind::Delete).await
+    }
+
+    async fn snapshot_task(
+        &self,
+        id: Uuid,
+        name: &str,
+        kind: Kind,
+    ) -> Result<SnapshotDone, VmError> {
+        let ctx = &self.ctx;
+        let vm = ctx.vm(id).await?;
+        validate::snapshot_name(name).map_err(|_| VmError::SnapshotNotFound(name.to_owned()))?;
+        let owned = name.to_owned();
+        let row = ctx
+            .store
+            .call(move |c| store::snapshots::get(c, id, &owned))
+            .await?
+            .filter(|r| r.state == SnapshotState::Ready)
+            .ok_or_else(|| VmError::SnapshotNotFound(name.to_owned()))?;
+        deployed(&vm)?;
+        let claim = ctx.claim(id, kind.as_str())?;
+        let was_running = running(ctx, id, Op::Snapshot).await?;
+        let input = SnapshotInput {
+            name: row.name.clone(),
+            include_ram: row.vmstate,
+            was_running,
+        };
+        ctx.record_task(
+            &claim,
+            kind.as_str(),
+            kind.steps(),
+            serde_json::to_value(&input).map_err(|e| VmError::Internal(e.to_string()))?,
+        )
+        .await?;
+        tracing::info!(vps = %id, snapshot = %name, kind = kind.as_str(), was_running, "snapshot task");
+        let op = SnapshotOp::new(self.ctx.clone(), id, kind, input);
+        ctx.engine.run(claim, kind.as_str(), op).await?;
+        let vm = ctx.vm(id).await?;
+        Ok(SnapshotDone {
+            vps_id: id,
+            name: name.to_owned(),
+            status: self.status_of(&vm).await,
+        })
+    }
+}
+
+/// Whether QEMU runs the domain (running or paused); refuses states that cannot be
+/// snapshotted consistently.
+async fn running(ctx: &Ctx, id: Uuid, op: Op) -> Result<bool, VmError> {
+    match ctx.hv.power_state(id).await {
+        Ok(Some(PowerState::Running | PowerState::Paused)) => Ok(true),
+        Ok(Some(PowerState::Shutoff | PowerState::Crashed)) => Ok(false),
+        Ok(Some(other)) => Err(VmError::InvalidState(format!(
+            "the VPS is {other:?}; retry once it is running or stopped"
+        ))),
+        Ok(None) => Err(VmError::Failed {
+            op,
+            message: "the VPS's domain is missing from libvirt".into(),
+        }),
+        Err(e) => Err(VmError::hypervisor(op, e)),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Create,
+    Rollback,
+    Delete,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Create => "snapshot_create",
+            Kind::Rollback => "snapshot_rollback",
+            Kind::Delete => "snapshot_delete",
+        }
+    }
+
+    fn steps(self) -> &'static [&'static str] {
+        match self {
+            Kind::Create => CREATE_STEPS,
+            Kind::Rollback => ROLLBACK_STEPS,
+            Kind::Delete => DELETE_STEPS,
+        }
+    }
+
+    pub(crate) fn parse(kind: &str) -> Option<Kind> {
+        [Kind::Create, Kind::Rollback, Kind::Delete]
+            .into_iter()
+            .find(|k| k.as_str() == kind)
+    }
+}
+
+pub(crate) struct SnapshotOp {
+    ctx: Arc<Ctx>,
+    id: Uuid,
+    kind: Kind,
+    input: SnapshotInput,
+    /// Rebuilt after an agent restart: a create is unwound rather than repeated (the
+    /// moment the client asked to capture has passed).
+    interrupted: bool,
+    /// The rollback started a stopped VM paused to load memory into it.
+    started_paused: std::sync::atomic::AtomicBool,
+}
+
+impl SnapshotOp {
+    fn new(ctx: Arc<Ctx>, id: Uuid, kind: Kind, input: SnapshotInput) -> SnapshotOp {
+        SnapshotOp {
+            ctx,
+            id,
+            kind,
+            input,
+            interrupted: false,
+            started_paused: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The operation of an unfinished task found at startup.
+    pub(crate) fn resumed(
+        ctx: Arc<Ctx>,
+        id: Uuid,
+        kind: Kind,
+        input: serde_json::Value,
+    ) -> Result<SnapshotOp, VmError> {
+        let input = serde_json::from_value(input)
+            .map_err(|e| VmError::Internal(format!("task input: {e}")))?;
+        let mut op = SnapshotOp::new(ctx, id, kind, input);
+        op.interrupted = true;
+        Ok(op)
+    }
+
+    pub(crate) fn kind_str(&self) -> &'static str {
+        self.kind.as_str()
+    }
+
+    fn hv(&self, e: HypervisorError) -> VmError {
+        VmError::hypervisor(Op::Snapshot, e)
+    }
+
+    fn name(&self) -> &str {
+        &self.input.name
+    }
+
+    async fn qemu_runs(&self) -> Result<bool, VmError> {
+        running(&self.ctx, self.id, Op::Snapshot).await
+    }
+
+    async fn node(&self) -> Result<String, VmError> {
+        let path = self.ctx.disks.disk_path(self.id);
+        let path = path
+            .to_str()
+            .ok_or_else(|| VmError::Internal("disk path is not UTF-8".into()))?;
+        live::disk_node(self.ctx.hv.as_ref(), self.id, path)
+            .await
+            .map_err(|e| self.hv(e))
+    }
+
+    fn job_timeout(&self) -> Duration {
+        Duration::from_secs(self.ctx.config.snapshots.job_timeout_s)
+    }
+
+    async fn take(&self) -> Result<(), VmError> {
+        if self.interrupted {
+            return Err(VmError::Failed {
+                op: Op::Snapshot,
+                message: "interrupted by an agent restart; take the snapshot again".into(),
+            });
+        }
+        // A leftover of the same name (from a create that died before its record) would
+        // make the new snapshot ambiguous.
+        self.remove_from_disk().await?;
+        let (hv, id) = (self.ctx.hv.as_ref(), self.id);
+        if !self.qemu_runs().await? {
+            if self.input.include_ram {
+                return Err(VmError::InvalidState(
+                    "the VPS stopped before its memory could be saved".into(),
+                ));
+            }
+            return self
+                .ctx
+                .disks
+                .snapshot_offline(id, self.name())
+                .await
+                .map_err(|e| VmError::storage(Op::Snapshot, e));
+        }
+        let node = self.node().await?;
+        if self.input.include_ram {
+            return live::save_with_memory(hv, id, &node, self.name(), self.job_timeout())
+                .await
+                .map_err(|e| self.hv(e));
+        }
+        // Quiesce the guest's filesystems when its agent answers; otherwise the snapshot
+        // is crash-consistent, like pulling the plug at this instant.
+        let frozen = hv
+            .agent_command(
+                id,
+                serde_json::json!({"execute": "guest-fsfreeze-freeze"}),
+                10,
+            )
+            .await;
+        if let Err(e) = &frozen {
+            tracing::info!(vps = %id, error = %e, "no filesystem freeze; snapshot is crash-consistent");
+        }
+        let taken = live::take_disk_only(hv, id, &node, self.name()).await;
+        if frozen.is_ok() {
+            if let Err(e) = hv
+                .agent_command(
+                    id,
+                    serde_json::json!({"execute": "guest-fsfreeze-thaw"}),
+                    10,
+                )
+                .await
+            {
+                tracing::error!(vps = %id, error = %e, "cannot thaw the guest's filesystems");
+            }
+        }
+        taken.map_err(|e| self.hv(e))
+    }
+
+    /// Deletes the snapshot from the disk, live or offline; absent is fine.
+    async fn remove_from_disk(&self) -> Result<(), VmError> {
+        if self.qemu_runs().await? {
+            let node = self.node().await?;
+            live::delete(self.ctx.hv.as_ref(), self.id, &node, self.name())
+                .await
+                .map_err(|e| self.hv(e))
+        } else {
+            self.ctx
+                .disks
+                .delete_snapshot_offline(self.id, self.name())
+                .await
+                .map_err(|e| VmError::storage(Op::Snapshot, e))
+        }
+    }
+
+    /// Fails unless the disk holds the snapshot (a record without it is never reverted to).
+    async fn ensure_on_disk(&self) -> Result<(), VmError> {
+        let names: Vec<String> = if self.qemu_runs().await? {
+            let node = self.node().await?;
+            live::names(self.ctx.hv.as_ref(), self.id, &node)
+                .await
+                .map_err(|e| self.hv(e))?
+        } else {
+            self.ctx
+                .disks
+                .image_snapshots(self.id)
+                .await
+                .map_err(|e| VmError::storage(Op::Snapshot, e))?
+                .into_iter()
+                .map(|s| s.name)
+                .collect()
+        };
+        if names.iter().any(|n| n == self.name()) {
+            Ok(())
+        } else {
+            Err(VmError::Failed {
+                op: Op::Snapshot,
+                message: format!("the disk no longer holds snapshot {:?}", self.name()),
+            })
+        }
+    }
+
+    async fn prepare_rollback(&self) -> Result<(), VmError> {
+        let (hv, id) = (&self.ctx.hv, self.id);
+        let runs = self.qemu_runs().await?;
+        if self.input.include_ram {
+            if !runs {
+                // Memory can only be loaded into a QEMU process: start one with the guest's
+                // CPUs stopped, so nothing runs before the snapshot's state is in place.
+                hv.start_paused(id).await.map_err(|e| self.hv(e))?;
+                self.started_paused
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                let vm = self.ctx.vm(id).await?;
+                net::plug(&self.ctx, &vm, Op::Snapshot).await?;
+            }
+        } else if runs {
+            // The disk is about to be replaced under the guest: whatever it runs now is
+            // discarded, so there is nothing to shut down gracefully.
+            hv.destroy(id).await.map_err(|e| self.hv(e))?;
+        }
+        Ok(())
+    }
+
+    async fn revert(&self) -> Result<(), VmError> {
+        self.ensure_on_disk().await?;
+        let id = self.id;
+        if self.input.include_ram {
+            let node = self.node().await?;
+            live::load(
+                self.ctx.hv.as_ref(),
+                id,
+                &node,
+                self.name(),
+                self.job_timeout(),
+            )
+            .await
+            .map_err(|e| self.hv(e))?;
+        } else {
+            self.ctx
+                .disks
+                .revert_offline(id, self.name())
+                .await
+                .map_err(|e| VmError::storage(Op::Snapshot, e))?;
+        }
+        self.regrow_disk().await
+    }
+
+    /// A revert restores the disk size the snapshot was taken at; the VM keeps its plan's.
+    async fn regrow_disk(&self) -> Result<(), VmError> {
+        let vm = self.ctx.vm(self.id).await?;
+        let want = vm.disk_gb * GIB;
+        let path = self.ctx.disks.disk_path(self.id);
+        if self.qemu_runs().await? {
+            let node = self.node().await?;
+            let block = self
+                .ctx
+                .hv
+                .qmp(self.id, serde_json::json!({"execute": "query-block"}))
+                .await
+                .map_err(|e| self.hv(e))?;
+            let size = block
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d.get("inserted"))
+                .find(|i| i["node-name"].as_str() == Some(node.as_str()))
+                .and_then(|i| i["image"]["virtual-size"].as_u64())
+                .unwrap_or(want);
+            if size < want {
+                self.ctx
+                    .hv
+                    .grow_disk_live(self.id, "vda", want)
+                    .await
+                    .map_err(|e| self.hv(e))?;
+            }
+            Ok(())
+        } else {
+            let size = crate::storage::virtual_size(&path)
+                .await
+                .map_err(|e| VmError::storage(Op::Snapshot, e))?;
+            if size < want {
+                self.ctx
+                    .disks
+                    .grow_disk(self.id, vm.disk_gb)
+                    .await
+                    .map_err(|e| VmError::storage(Op::Snapshot, e))?;
+            }
+            Ok(())
+        }
+    }
+
+    async fn restore_power(&self) -> Result<(), VmError> {
+        let (hv, id) = (&self.ctx.hv, self.id);
+        match hv.power_state(id).await.map_err(|e| self.hv(e))? {
+            Some(PowerState::Paused) if self.input.include_ram => {
+                hv.resume(id).await.map_err(|e| self.hv(e))
+            }
+            Some(PowerState::Shutoff | PowerState::Crashed) if self.input.was_running => {
+                let vm = self.ctx.vm(id).await?;
+                super::create::start_domain(&self.ctx, &vm, Op::Snapshot).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn forget(&self) -> Result<(), VmError> {
+        let (id, name) = (self.id, self.input.name.clone());
+        self.ctx
+            .store
+            .call(move |c| store::snapshots::delete(c, id, &name))
+            .await?;
+        Ok(())
+    }
+}
+
+impl Operation for SnapshotOp {
+    type Error = VmError;
+
+    fn steps(&self) -> &'static [&'static str] {
+        self.kind.steps()
+    }
+
+    fn rolls_back(&self) -> bool {
+        self.kind == Kind::Create
+    }
+
+    fn run_step<'a>(
+        &'a self,
+        step: &'static str,
+        _ctx: &'a StepCtx,
+    ) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(async move {
+            match step {
+                "take_snapshot" => self.take().await,
+                "record_snapshot" => {
+                    let (id, name, vmstate) =
+                        (self.id, self.input.name.clone(), self.input.include_ram);
+                    self.ctx
+                        .store
+                        .call(move |c| store::snapshots::set_ready(c, id, &name, vmstate))
+                        .await?;
+                    Ok(())
+                }
+                "prepare_vm" => self.prepare_rollback().await,
+                "revert_disk" => self.revert().await,
+                "restore_power" => self.restore_power().await,
+                "delete_snapshot" => self.remove_from_disk().await,
+                "forget_snapshot" => self.forget().await,
+                other => Err(VmError::Internal(format!("unknown snapshot step {other}"))),
+            }
+        })
+    }
+
+    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
+        Box::pin(async move {
+            match step {
+                "take_snapshot" => self.remove_from_disk().await,
+                _ => Ok(()),
+            }
+        })
+    }
+
+    fn finish<'a>(&'a self, outcome: Result<(), &'a VmError>) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Err(e) = outcome else { return };
+            match self.kind {
+                Kind::Create => {
+                    if let Err(e) = self.forget().await {
+                        tracing::error!(vps = %self.id, error = %e, "cannot drop the failed snapshot's record");
+                    }
+                }
+                Kind::Rollback => {
+                    // A stopped VM started only to load memory goes back to stopped.
+                    if self
+                        .started_paused
+                        .load(std::sync::atomic::Ordering::SeqCst)
+                    {
+                        if let Err(e) = self.ctx.hv.destroy(self.id).await {
+                            tracing::error!(vps = %self.id, error = %e, "cannot power off after a failed rollback");
+                        }
+                    }
+                    tracing::warn!(vps = %self.id, snapshot = %self.input.name, error = %e, "rollback failed");
+                }
+                Kind::Delete => {}
+            }
+        })
+    }
+}
