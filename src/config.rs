@@ -507,24 +507,7 @@ impl Config {
                 ));
             }
         }
-        let pool = &self.network.pool;
-        for (name, addr) in [
-            ("gateway", pool.gateway),
-            ("first", pool.first),
-            ("last", pool.last),
-        ] {
-            if !pool.cidr.contains(addr) {
-                return Err(ConfigError::Invalid(format!(
-                    "network.pool.{name} {addr} is outside network.pool.cidr {}",
-                    pool.cidr
-                )));
-            }
-        }
-        if crate::network::ip_to_u128(pool.first) > crate::network::ip_to_u128(pool.last) {
-            return Err(ConfigError::Invalid(
-                "network.pool.first is after network.pool.last".into(),
-            ));
-        }
+        check_pool("network.pool", &self.network.pool, true)?;
         if self.tasks.max_concurrent == 0 {
             return Err(ConfigError::Invalid(
                 "tasks.max_concurrent must be at least 1".into(),
@@ -550,16 +533,7 @@ impl Config {
             ));
         }
         if let Some(p6) = &self.network.pool6 {
-            if !p6.cidr.is_ipv6() {
-                return Err(ConfigError::Invalid(
-                    "network.pool6.cidr must be IPv6".into(),
-                ));
-            }
-        }
-        if !self.network.pool.cidr.is_ipv4() {
-            return Err(ConfigError::Invalid(
-                "network.pool.cidr must be IPv4".into(),
-            ));
+            check_pool("network.pool6", p6, false)?;
         }
         if self.network.bridge.is_empty() || self.network.bridge.len() > 15 {
             return Err(ConfigError::Invalid(
@@ -589,6 +563,37 @@ impl Config {
             self.api.public_url.trim_end_matches('/').to_owned()
         }
     }
+}
+
+/// A pool's addresses are all of its family and inside its network, `first ≤ last`.
+fn check_pool(key: &str, pool: &IpPoolConfig, v4: bool) -> Result<(), ConfigError> {
+    let family = if v4 { "IPv4" } else { "IPv6" };
+    if pool.cidr.is_ipv4() != v4 {
+        return Err(ConfigError::Invalid(format!("{key}.cidr must be {family}")));
+    }
+    for (name, addr) in [
+        ("gateway", pool.gateway),
+        ("first", pool.first),
+        ("last", pool.last),
+    ] {
+        if !pool.cidr.contains(addr) {
+            return Err(ConfigError::Invalid(format!(
+                "{key}.{name} {addr} is outside {key}.cidr {}; set it explicitly",
+                pool.cidr
+            )));
+        }
+    }
+    if let Some(r) = pool.reserved.iter().find(|a| a.is_ipv4() != v4) {
+        return Err(ConfigError::Invalid(format!(
+            "{key}: {r} is not an {family} address"
+        )));
+    }
+    if crate::network::ip_to_u128(pool.first) > crate::network::ip_to_u128(pool.last) {
+        return Err(ConfigError::Invalid(format!(
+            "{key}.first is after {key}.last"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a config file other users can read when it holds secrets (token hashes let an
@@ -788,6 +793,37 @@ mod tests {
             Config::load(None, env(&[("HVNODE_NETWORK__POOL__GATEWAY", "10.0.0.1")])).unwrap_err();
 
         assert!(err.to_string().contains("gateway"), "{err}");
+    }
+
+    #[test]
+    fn an_ipv6_pool_without_its_own_range_is_refused() {
+        let dir = tempdir();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "[network.pool6]\ncidr = \"2001:db8::/64\"\ngateway = \"2001:db8::1\"\n",
+        )
+        .unwrap();
+
+        let err = Config::load(Some(&path), env(&[])).unwrap_err();
+
+        assert!(err.to_string().contains("network.pool6.first"), "{err}");
+    }
+
+    #[test]
+    fn an_ipv6_pool_with_its_range_is_accepted() {
+        let dir = tempdir();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "[network.pool6]\ncidr = \"2001:db8::/64\"\ngateway = \"2001:db8::1\"\n\
+             first = \"2001:db8::100\"\nlast = \"2001:db8::1ff\"\n",
+        )
+        .unwrap();
+
+        let config = Config::load(Some(&path), env(&[])).unwrap();
+
+        assert!(config.network.pool6.is_some());
     }
 
     #[test]

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::extract::{vm_id, JsonBody, QueryMap};
+use super::extract::{vm_id, JsonBody, Path, QueryMap};
 use super::status::websocket_required;
 use super::{ok, ApiResult};
 use crate::app::App;
@@ -167,8 +167,8 @@ pub async fn console_asset(
         .into_response())
 }
 
-/// The console WebSocket: checks the ticket, opens the VM's VNC or serial console, then
-/// uses the ticket up and upgrades. Any failure is answered before the upgrade.
+/// The console WebSocket: checks the ticket, uses it up, opens the VM's VNC or serial
+/// console and upgrades. Any failure is answered before the upgrade.
 pub async fn console_ws(
     State(app): State<Arc<App>>,
     query: QueryMap,
@@ -199,6 +199,9 @@ pub async fn console_ws(
             "too many console sessions are open on this node; try again shortly",
         )
     })?;
+    // The ticket is used up before the console is opened: of two uses of one ticket,
+    // the loser must not get as far as taking over the winner's (serial) console.
+    let grant = app.tickets.redeem(&ticket).map_err(refused)?;
     let hv = app.vms.hypervisor().clone();
     let failed = |e: crate::hypervisor::HypervisorError| {
         tracing::warn!(vps = %grant.vm, error = %e, "cannot open console");
@@ -225,11 +228,11 @@ pub async fn console_ws(
         }
         ConsoleKind::Serial => Backend::Serial(hv.open_serial(grant.vm).await.map_err(failed)?),
     };
-    // Only now is the ticket used up; a concurrent redeem of the same ticket loses here.
-    let grant = app.tickets.redeem(&ticket).map_err(refused)?;
     tracing::info!(vps = %grant.vm, kind = grant.kind.as_str(), "console session opened");
     Ok(ws
         .protocols(["binary"])
+        .max_message_size(console::proxy::MAX_CLIENT_MESSAGE)
+        .max_frame_size(console::proxy::MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| async move {
             match backend {
                 Backend::Vnc(sock) => console::proxy::pump_io(socket, sock).await,

@@ -135,3 +135,25 @@ pub fn task_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw)
         .map_err(|_| ApiError::new(ErrorCode::TaskNotFound, format!("task {raw:?} not found")))
 }
+
+/// Path parameters. axum's own `Path` answers a malformed segment (bad percent-encoding,
+/// not UTF-8) in plain text; this one answers in the envelope: no resource has that path.
+pub struct Path<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Path<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(r) => Err(ApiError::new(
+                ErrorCode::RouteNotFound,
+                format!("no resource at {}: {}", parts.uri.path(), r.body_text()),
+            )),
+        }
+    }
+}

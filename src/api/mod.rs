@@ -167,6 +167,7 @@ pub fn router(app: Arc<App>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(app.clone(), limit_body))
+        .layer(middleware::from_fn(ensure_envelope))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,
         ))
@@ -223,8 +224,53 @@ async fn limit_body(State(app): State<Arc<App>>, req: Request, next: Next) -> Re
     next.run(req).await
 }
 
+/// The last line of defence for the envelope: an error that some extractor or layer
+/// answered in plain text (our own errors are already JSON) is rewritten into it.
+async fn ensure_envelope(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !status.is_client_error() && !status.is_server_error() || is_json {
+        return response;
+    }
+    let code = match status {
+        StatusCode::NOT_FOUND => ErrorCode::RouteNotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UPGRADE_REQUIRED => ErrorCode::WebsocketRequired,
+        StatusCode::UNAUTHORIZED => ErrorCode::NoApiKey,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::HypervisorUnavailable,
+        s if s.is_client_error() => ErrorCode::InvalidJson,
+        _ => {
+            tracing::error!(
+                status = status.as_u16(),
+                "a layer answered an error outside the envelope"
+            );
+            let mut out = internal_error();
+            *out.status_mut() = status;
+            return out;
+        }
+    };
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let detail = String::from_utf8_lossy(&body);
+    let mut out = ApiError::new(code, detail.trim().to_owned()).into_response();
+    // Keep the status the layer chose (e.g. 400 vs 415) when it differs from the code's.
+    *out.status_mut() = status;
+    out
+}
+
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("request handler panicked");
+    internal_error()
+}
+
+fn internal_error() -> Response {
     let body = serde_json::json!({
         "success": false,
         "error": "Internal error",

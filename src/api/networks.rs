@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 
-use super::extract::{vm_id, JsonBody, OptionalJson};
+use super::extract::{vm_id, JsonBody, OptionalJson, Path};
 use super::{ok, with_status, ApiResult};
 use crate::app::App;
 use crate::vm::ips::{AddIpRequest, MoveIpRequest};

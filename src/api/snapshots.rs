@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 
-use super::extract::{vm_id, JsonBody};
+use super::extract::{vm_id, JsonBody, Path};
 use super::{ok, with_status, ApiResult};
 use crate::app::App;
 use crate::vm::snapshots::CreateSnapshotRequest;

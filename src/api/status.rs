@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use futures_util::{SinkExt, StreamExt};
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::extract::{vm_id, QueryMap};
+use super::extract::{vm_id, Path, QueryMap};
 use super::{ok, ApiResult};
 use crate::app::App;
 use crate::errors::ErrorCode;
@@ -21,6 +21,7 @@ use crate::vm::VmError;
 const DEFAULT_INTERVAL_MS: u64 = 1000;
 const MIN_INTERVAL_MS: u64 = 200;
 const MAX_INTERVAL_MS: u64 = 60_000;
+const STALLED_READER: Duration = Duration::from_secs(30);
 
 pub async fn vm_status(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     Ok(ok(app.vm_status(vm_id(&id)?).await?))
@@ -45,7 +46,12 @@ pub async fn vm_status_stream(
     // Unknown VMs are refused before the upgrade.
     app.vms.row_with_status(id).await?;
     let ws = ws.map_err(|_| websocket_required())?;
-    Ok(ws.on_upgrade(move |socket| stream(app, id, Duration::from_millis(interval_ms), socket)))
+    // The client sends nothing but a close: small limits keep a hostile one from making
+    // the agent buffer.
+    Ok(ws
+        .max_message_size(64 * 1024)
+        .max_frame_size(64 * 1024)
+        .on_upgrade(move |socket| stream(app, id, Duration::from_millis(interval_ms), socket)))
 }
 
 pub fn websocket_required() -> ApiError {
@@ -77,17 +83,20 @@ async fn stream(app: Arc<App>, id: Uuid, interval: Duration, socket: WebSocket) 
                     let Ok(text) = serde_json::to_string(&doc) else {
                         continue;
                     };
-                    if tx.send(Message::Text(text.into())).await.is_err() {
+                    // A reader that takes nothing for this long is gone.
+                    let sent =
+                        tokio::time::timeout(STALLED_READER, tx.send(Message::Text(text.into())))
+                            .await;
+                    if !matches!(sent, Ok(Ok(()))) {
                         return;
                     }
                 }
                 Err(VmError::NotFound(_)) => {
-                    let _ = tx
-                        .send(Message::Close(Some(CloseFrame {
-                            code: 1000,
-                            reason: "deleted".into(),
-                        })))
-                        .await;
+                    let bye = tx.send(Message::Close(Some(CloseFrame {
+                        code: 1000,
+                        reason: "deleted".into(),
+                    })));
+                    let _ = tokio::time::timeout(STALLED_READER, bye).await;
                     return;
                 }
                 Err(e) => tracing::debug!(vps = %id, error = %e, "status stream: no sample"),
@@ -98,7 +107,7 @@ async fn stream(app: Arc<App>, id: Uuid, interval: Duration, socket: WebSocket) 
         _ = reader => {}
         _ = writer => {}
     }
-    let _ = tx.close().await;
+    let _ = tokio::time::timeout(STALLED_READER, tx.close()).await;
 }
 
 pub async fn metrics(State(app): State<Arc<App>>) -> ApiResult {

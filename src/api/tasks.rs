@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 
 use super::error::ApiError;
-use super::extract::{task_id, vm_id, QueryMap};
+use super::extract::{task_id, vm_id, Path, QueryMap};
 use super::{ok, ApiResult};
 use crate::app::App;
 use crate::errors::ErrorCode;

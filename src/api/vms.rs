@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 
 use super::error::ApiError;
-use super::extract::{vm_id, JsonBody, QueryMap};
+use super::extract::{vm_id, JsonBody, Path, QueryMap};
 use super::{ok, with_status, ApiResult};
 use crate::app::App;
 use crate::errors::ErrorCode;

@@ -79,6 +79,9 @@ pub struct DomainStats {
     /// Summed over the domain's disks.
     pub block_read_bytes: u64,
     pub block_write_bytes: u64,
+    /// Whether this record carried block counters at all: libvirt leaves them out (rather
+    /// than waiting) for a domain whose monitor is busy with another job.
+    pub block_reported: bool,
     /// Summed over its NICs, from the guest's point of view (rx = received by the guest).
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,

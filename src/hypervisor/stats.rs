@@ -21,7 +21,9 @@ pub const GROUPS: u32 = sys::VIR_DOMAIN_STATS_STATE
     | sys::VIR_DOMAIN_STATS_BLOCK;
 
 /// Running domains only, and never wait for a domain whose monitor is busy: a hung guest
-/// must not stall the sweep of all the others.
+/// must not stall the sweep of all the others. Such a domain is still reported, without
+/// the figures that need its monitor (block counters, the guest's memory statistics); the
+/// sampler carries those over from its previous sample.
 pub const FLAGS: u32 =
     sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE | sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT;
 
@@ -58,6 +60,7 @@ pub fn fold<'a>(id: Uuid, params: impl IntoIterator<Item = (&'a str, Value)>) ->
         rss_kib: None,
         block_read_bytes: 0,
         block_write_bytes: 0,
+        block_reported: false,
         net_rx_bytes: 0,
         net_tx_bytes: 0,
     };
@@ -85,7 +88,10 @@ pub fn fold<'a>(id: Uuid, params: impl IntoIterator<Item = (&'a str, Value)>) ->
                     continue;
                 }
                 match (group, rest) {
-                    ("block", "rd.bytes") => s.block_read_bytes += v,
+                    ("block", "rd.bytes") => {
+                        s.block_read_bytes += v;
+                        s.block_reported = true;
+                    }
                     ("block", "wr.bytes") => s.block_write_bytes += v,
                     ("net", "rx.bytes") => s.net_rx_bytes += v,
                     ("net", "tx.bytes") => s.net_tx_bytes += v,

@@ -207,8 +207,11 @@ impl Sampler {
             let mut latest = self.inner.latest.write().unwrap_or_else(|e| e.into_inner());
             let previous = std::mem::take(&mut latest.samples);
             let elapsed = latest.at.map(|t| now.duration_since(t));
-            for s in stats {
+            for mut s in stats {
                 let before = previous.get(&s.id);
+                if let Some(b) = before.filter(|b| s.cpu_time_ns >= b.stats.cpu_time_ns) {
+                    carry_over(&mut s, &b.stats);
+                }
                 let cpu_percent = match (before, elapsed) {
                     (Some(b), Some(dt)) => cpu_percent(&b.stats, &s, dt),
                     _ => 0.0,
@@ -342,7 +345,7 @@ fn process_start_unix(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Field 22 (starttime, clock ticks after boot); the command name (field 2) may hold
     // spaces, so count from its closing parenthesis.
-    let after = &stat[stat.rfind(')')? + 2..];
+    let after = stat.get(stat.rfind(')')? + 2..)?;
     let start_ticks: u64 = after.split_whitespace().nth(19)?.parse().ok()?;
     let btime: u64 = std::fs::read_to_string("/proc/stat")
         .ok()?
@@ -370,10 +373,54 @@ pub fn process_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// Figures a record left out because the domain's monitor was busy, taken from the same
+/// QEMU's previous sample, so counters never drop to zero and back.
+fn carry_over(now: &mut DomainStats, before: &DomainStats) {
+    if !now.block_reported && before.block_reported {
+        now.block_read_bytes = before.block_read_bytes;
+        now.block_write_bytes = before.block_write_bytes;
+        now.block_reported = true;
+    }
+    if now.guest_available_kib.is_none() && now.guest_unused_kib.is_none() {
+        now.guest_available_kib = before.guest_available_kib;
+        now.guest_usable_kib = before.guest_usable_kib;
+        now.guest_unused_kib = before.guest_unused_kib;
+    }
+    if now.rss_kib.is_none() {
+        now.rss_kib = before.rss_kib;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::hypervisor::PowerState;
+
+    #[test]
+    fn counters_a_busy_monitor_left_out_carry_over() {
+        let mut before = stats(1_000, 1);
+        before.block_read_bytes = 4096;
+        before.guest_available_kib = Some(1024);
+        let mut now = stats(2_000, 1);
+        now.block_reported = false;
+
+        carry_over(&mut now, &before);
+
+        assert_eq!(now.block_read_bytes, 4096);
+        assert_eq!(now.guest_available_kib, Some(1024));
+    }
+
+    #[test]
+    fn reported_counters_are_kept() {
+        let mut before = stats(1_000, 1);
+        before.block_read_bytes = 4096;
+        let mut now = stats(2_000, 1);
+        now.block_read_bytes = 8192;
+
+        carry_over(&mut now, &before);
+
+        assert_eq!(now.block_read_bytes, 8192);
+    }
 
     fn stats(cpu_ns: u64, vcpus: u32) -> DomainStats {
         DomainStats {
@@ -389,6 +436,7 @@ mod tests {
             rss_kib: None,
             block_read_bytes: 0,
             block_write_bytes: 0,
+            block_reported: true,
             net_rx_bytes: 0,
             net_tx_bytes: 0,
         }

@@ -142,6 +142,10 @@ pub struct Applied {
     pub limits_applied: Vec<String>,
     pub removed: Vec<String>,
     pub filter_ports: usize,
+    /// What could not be configured (a missing uplink, a tunnel the kernel refuses, …).
+    /// Each is reported and the rest is still applied: one bad segment must not leave the
+    /// other VMs unconfigured or unfiltered.
+    pub errors: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -158,23 +162,37 @@ impl NetworkManager {
         &self.config
     }
 
-    /// Makes the host's bridges, ports, limits and filters match `desired`, and removes
-    /// what nothing in it needs.
+    /// Makes the host's filters, bridges, ports and limits match `desired`, and removes what
+    /// nothing in it needs. The filter table comes first, so no VM ever runs unfiltered
+    /// because something else failed; each other item that fails is recorded in
+    /// `Applied::errors` and the rest goes on. Only the filters failing is an error.
     pub async fn apply(&self, desired: &DesiredNetwork) -> Result<Applied, NetworkError> {
+        let mut done = Applied {
+            filter_ports: self.apply_filters(desired).await?,
+            ..Applied::default()
+        };
         let h = netlink::open(&self.config.netns)?;
-        let mut done = Applied::default();
         let before = link_names(&h).await?;
 
         // The public bridge and its uplink.
-        netlink::ensure_bridge(&h, &self.config.bridge).await?;
-        if !before.contains(&self.config.bridge) {
-            done.bridges_created.push(self.config.bridge.clone());
+        match netlink::ensure_bridge(&h, &self.config.bridge).await {
+            Ok(_) if !before.contains(&self.config.bridge) => {
+                done.bridges_created.push(self.config.bridge.clone())
+            }
+            Ok(_) => {}
+            Err(e) => done
+                .errors
+                .push(format!("bridge {}: {e}", self.config.bridge)),
         }
         if !self.config.uplink.is_empty() {
-            netlink::ensure_port(&h, &self.config.uplink, &self.config.bridge).await?;
+            if let Err(e) = netlink::ensure_port(&h, &self.config.uplink, &self.config.bridge).await
+            {
+                done.errors
+                    .push(format!("uplink {}: {e}", self.config.uplink));
+            }
         }
 
-        self.attach_with(&h, desired, &before, &mut done).await?;
+        self.attach_with(&h, desired, &before, &mut done).await;
 
         // Leftovers of VMs and networks that are gone.
         let wanted: HashSet<String> = desired
@@ -189,16 +207,13 @@ impl NetworkManager {
             )
             .collect();
         for name in before.iter().filter(|_| self.config.remove_leftovers) {
-            let ours = (name.starts_with("vb") && name.len() == 15)
-                || name.starts_with("hvp")
-                || name.starts_with("hvx");
-            if ours && !wanted.contains(name) {
-                netlink::delete_link(&h, name).await?;
-                done.removed.push(name.clone());
+            if is_ours(name) && !wanted.contains(name) {
+                match netlink::delete_link(&h, name).await {
+                    Ok(_) => done.removed.push(name.clone()),
+                    Err(e) => done.errors.push(format!("remove {name}: {e}")),
+                }
             }
         }
-
-        done.filter_ports = self.apply_filters(desired).await?;
         Ok(done)
     }
 
@@ -208,8 +223,14 @@ impl NetworkManager {
         let h = netlink::open(&self.config.netns)?;
         let before = link_names(&h).await?;
         let mut done = Applied::default();
-        self.attach_with(&h, desired, &before, &mut done).await?;
-        Ok(done)
+        self.attach_with(&h, desired, &before, &mut done).await;
+        match done.errors.first() {
+            None => Ok(done),
+            Some(e) => Err(NetworkError::Netlink {
+                op: "attach",
+                message: e.clone(),
+            }),
+        }
     }
 
     async fn attach_with(
@@ -218,26 +239,36 @@ impl NetworkManager {
         desired: &DesiredNetwork,
         before: &HashSet<String>,
         done: &mut Applied,
-    ) -> Result<(), NetworkError> {
+    ) {
         for seg in &desired.segments {
-            self.ensure_segment(h, seg, done, before).await?;
+            if let Err(e) = self.ensure_segment(h, seg, done, before).await {
+                done.errors
+                    .push(format!("private network {}: {e}", seg.vni));
+            }
         }
         // Taps exist while their VM runs.
         for nic in &desired.nics {
             if !before.contains(&nic.tap) {
                 continue;
             }
-            netlink::ensure_port(h, &nic.tap, &nic.bridge).await?;
-            done.ports_attached.push(nic.tap.clone());
-            match nic.bandwidth_mbps {
-                Some(mbps) => {
-                    tc::limit(h, &nic.tap, &nic.ifb, mbps).await?;
-                    done.limits_applied.push(nic.tap.clone());
+            let plugged = async {
+                netlink::ensure_port(h, &nic.tap, &nic.bridge).await?;
+                match nic.bandwidth_mbps {
+                    Some(mbps) => tc::limit(h, &nic.tap, &nic.ifb, mbps).await.map(|_| true),
+                    None => tc::unlimit(h, &nic.tap, &nic.ifb).await.map(|_| false),
                 }
-                None => tc::unlimit(h, &nic.tap, &nic.ifb).await?,
+            }
+            .await;
+            match plugged {
+                Ok(limited) => {
+                    done.ports_attached.push(nic.tap.clone());
+                    if limited {
+                        done.limits_applied.push(nic.tap.clone());
+                    }
+                }
+                Err(e) => done.errors.push(format!("tap {}: {e}", nic.tap)),
             }
         }
-        Ok(())
     }
 
     async fn ensure_segment(
@@ -347,6 +378,19 @@ impl NetworkManager {
     }
 }
 
+/// Whether a link name is one hvnode makes: an IFB `vb` + 13 hex digits, a private bridge
+/// `hvp<vni>` or tunnel `hvx<vni>`. Anything else (an operator's `hvpn0`) is not ours.
+fn is_ours(name: &str) -> bool {
+    let suffix_is = |prefix: &str, ok: fn(&str) -> bool| {
+        name.strip_prefix(prefix)
+            .is_some_and(|rest| !rest.is_empty() && ok(rest))
+    };
+    suffix_is("vb", |r| {
+        r.len() == 13 && r.bytes().all(|b| b.is_ascii_hexdigit())
+    }) || suffix_is("hvp", |r| r.bytes().all(|b| b.is_ascii_digit()))
+        || suffix_is("hvx", |r| r.bytes().all(|b| b.is_ascii_digit()))
+}
+
 async fn link_names(h: &rtnetlink::Handle) -> Result<HashSet<String>, NetworkError> {
     Ok(netlink::links(h)
         .await?
@@ -368,6 +412,19 @@ mod tests {
         assert!(tap_name(id, 0).starts_with("vh"));
         assert!(ifb_name(id, 0).starts_with("vb"));
         assert!(private_bridge(16_777_215).len() <= 15);
+    }
+
+    #[test]
+    fn only_hvnode_device_names_count_as_leftovers() {
+        let id = uuid::Uuid::new_v4();
+
+        assert!(is_ours(&ifb_name(id, 0)));
+        assert!(is_ours(&private_bridge(10001)));
+        assert!(is_ours(&private_tunnel(10001)));
+        assert!(!is_ours("hvpn0"));
+        assert!(!is_ours("hvx"));
+        assert!(!is_ours("vboxnet0"));
+        assert!(!is_ours(&tap_name(id, 0)));
     }
 
     #[test]

@@ -265,6 +265,7 @@ pub fn delete(conn: &Connection, id: Uuid) -> Result<()> {
         [id.to_string()],
     )?;
     super::snapshots::delete_all(conn, id)?;
+    super::networks::delete_members_of_vm(conn, id)?;
     Ok(())
 }
 

@@ -7,7 +7,8 @@
 //! 2. The caller records the task and its steps in the store (usually in the same
 //!    transaction as the change that motivated it), then hands the claim and an `Operation`
 //!    to `TaskEngine::run`.
-//! 3. `run` waits for one of `tasks.max_concurrent` slots, then executes the steps in order.
+//! 3. `run` waits for one of `tasks.max_concurrent` slots (provisioning only; short actions
+//!    skip the queue), then executes the steps in order.
 //!    Each step's start and end is committed before the next begins, so after a crash the
 //!    journal says exactly which steps finished.
 //! 4. If a step fails (or the task is cancelled), the error is committed first, then the
@@ -82,6 +83,12 @@ pub trait Operation: Send + Sync + 'static {
     }
     /// Whether a failure unwinds the completed steps.
     fn rolls_back(&self) -> bool {
+        true
+    }
+    /// Whether the task counts against `tasks.max_concurrent`. Provisioning (clones,
+    /// boots, long waits for the guest) does; short actions such as a power change or a
+    /// delete do not, so they never wait behind deployments of other VMs.
+    fn uses_slot(&self) -> bool {
         true
     }
     /// Runs after the last step or the unwinding, with the outcome, before the task's final
@@ -231,9 +238,13 @@ impl TaskEngine {
             store: &self.store,
             task: task_id,
         };
-        let _permit = tokio::select! {
-            p = self.slots.acquire() => p.ok(),
-            _ = ctx.cancel.cancelled() => None,
+        let _permit = if op.uses_slot() {
+            tokio::select! {
+                p = self.slots.acquire() => p.ok(),
+                _ = ctx.cancel.cancelled() => None,
+            }
+        } else {
+            None
         };
         let outcome = self.execute(&journal, kind, &op, &ctx).await;
         op.finish(outcome.as_ref().map(|_| ())).await;

@@ -311,7 +311,8 @@ impl CreateOp {
         if !xml.contains(&format!("<target dev='{tap}'/>")) {
             return Err(self.fail(format!("tap {tap} is missing from the running domain")));
         }
-        Ok(())
+        // Bridge membership and the plan's bandwidth limit, on the fresh taps.
+        net::plug(&self.ctx, vm, Op::Deploy).await
     }
 
     async fn finalize(&self, vm: &VmRow) -> Result<(), VmError> {
@@ -579,6 +580,10 @@ impl Operation for CreateOp {
                 .call(move |c| {
                     let tx = c.transaction()?;
                     store::vms::set_state(&tx, id, VmRowState::Failed, &now)?;
+                    // The addresses were taken at admission, before any step could undo
+                    // them: a failed VM holds none (its record keeps the primary for the
+                    // deployment document only).
+                    store::vms::release_ips(&tx, id)?;
                     if let Some(h) = &hook {
                         webhooks::enqueue(&tx, &h.as_new())?;
                     }

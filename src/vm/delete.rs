@@ -73,6 +73,10 @@ impl Operation for DeleteOp {
         false
     }
 
+    fn uses_slot(&self) -> bool {
+        false
+    }
+
     fn run_step<'a>(
         &'a self,
         step: &'static str,

@@ -25,6 +25,8 @@ use crate::tasks::{BoxFuture, Claim, Operation, StepCtx};
 
 #[derive(Debug, Default, Deserialize)]
 pub struct AddIpRequest {
+    /// The address to add (`ip` is accepted as a synonym); absent: the pool's next free one.
+    #[serde(alias = "ip")]
     pub address: Option<String>,
     /// `ipv4` (default) or `ipv6`, when no address is given.
     pub family: Option<String>,

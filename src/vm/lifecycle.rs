@@ -14,6 +14,7 @@ use super::model::{ActionResult, VmStatus};
 use super::state::{self, Action, Decision, Refusal};
 use super::{Ctx, Op, VmError, VmManager};
 use crate::hypervisor::{HypervisorError, PowerState};
+use crate::store::VmRowState;
 use crate::tasks::{BoxFuture, Operation, StepCtx};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -44,6 +45,14 @@ impl VmManager {
     ) -> Result<ActionResult, VmError> {
         let ctx = &self.ctx;
         let vm = ctx.vm(id).await?;
+        // A deploying or failed VM refuses every power action for what it is, whether or
+        // not its create task still holds it.
+        if vm.state != VmRowState::Active {
+            let status = VmStatus::derive(vm.state, None);
+            if let Err(r) = state::decide(action, status) {
+                return Err(VmError::InvalidState(r.message(action)));
+            }
+        }
         let claim = ctx.claim(id, action.as_str())?;
         let status = self.status_of(&vm).await;
         match state::decide(action, status) {
@@ -162,6 +171,10 @@ impl Operation for PowerOp {
     }
 
     fn rolls_back(&self) -> bool {
+        false
+    }
+
+    fn uses_slot(&self) -> bool {
         false
     }
 

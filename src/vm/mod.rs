@@ -74,6 +74,10 @@ pub(crate) struct Ctx {
     pub net: NetworkManager,
     /// Serialises creating and deleting private networks.
     pub network_admin: tokio::sync::Mutex<()>,
+    /// Held from reading the store to committing the filter table, so that two tasks can
+    /// never commit their snapshots out of order (an older one putting back an address a
+    /// newer one removed).
+    pub filter_lock: tokio::sync::Mutex<()>,
     /// What the last startup found when comparing the store with libvirt.
     pub reconciliation: std::sync::Mutex<Option<Reconciliation>>,
 }
@@ -112,6 +116,7 @@ impl VmManager {
                 outbox,
                 net,
                 network_admin: tokio::sync::Mutex::new(()),
+                filter_lock: tokio::sync::Mutex::new(()),
                 reconciliation: std::sync::Mutex::new(None),
             }),
         }

@@ -133,6 +133,7 @@ fn net_err(op: Op) -> impl Fn(network::NetworkError) -> VmError {
 
 /// Rebuilds the anti-spoofing table from the store (without the VMs in `exclude`).
 pub(crate) async fn refresh_filters(ctx: &Ctx, exclude: &[Uuid], op: Op) -> Result<(), VmError> {
+    let _serial = ctx.filter_lock.lock().await;
     let desired = desired(ctx, exclude).await?;
     ctx.net.apply_filters(&desired).await.map_err(net_err(op))?;
     Ok(())
@@ -157,11 +158,22 @@ pub(crate) async fn plug(ctx: &Ctx, vm: &VmRow, op: Op) -> Result<(), VmError> {
 /// Updates the allowed addresses of a VM's public NIC in place, rebuilding the whole table
 /// if it is not there (a host that lost its rules).
 pub(crate) async fn update_filter(ctx: &Ctx, vm: &VmRow, op: Op) -> Result<(), VmError> {
-    let net = load(ctx, vm).await?;
-    if ctx.net.update_addresses(&net.public).await.is_err() {
+    let updated = {
+        let _serial = ctx.filter_lock.lock().await;
+        let net = load(ctx, vm).await?;
+        ctx.net.update_addresses(&net.public).await
+    };
+    if updated.is_err() {
         refresh_filters(ctx, &[], op).await?;
     }
     Ok(())
+}
+
+/// Makes the whole host network match the store (startup, after a host reboot).
+pub(crate) async fn reconcile(ctx: &Ctx) -> Result<network::Applied, VmError> {
+    let _serial = ctx.filter_lock.lock().await;
+    let desired = desired(ctx, &[]).await?;
+    ctx.net.apply(&desired).await.map_err(net_err(Op::Network))
 }
 
 /// The guest's NICs for its cloud-init network config.

@@ -89,25 +89,42 @@ impl VmManager {
                     tracing::info!(task = %task.id, vps = %task.vps_id, kind = %task.kind, "resuming");
                     report.resumed.push(task.id);
                     let input = task.input.clone();
-                    let bad = |e: serde_json::Error| VmError::Internal(format!("task input: {e}"));
                     if task.kind == "reinstall" {
-                        let op = ReinstallOp {
-                            ctx: ctx.clone(),
-                            id: task.vps_id,
-                            input: serde_json::from_value(input).map_err(bad)?,
-                        };
-                        tokio::spawn(async move {
-                            let _ = ctx.engine.run(claim, "reinstall", op).await;
-                        });
+                        match serde_json::from_value(input) {
+                            Ok(input) => {
+                                let op = ReinstallOp {
+                                    ctx: ctx.clone(),
+                                    id: task.vps_id,
+                                    input,
+                                };
+                                tokio::spawn(async move {
+                                    let _ = ctx.engine.run(claim, "reinstall", op).await;
+                                });
+                            }
+                            Err(e) => {
+                                drop(claim);
+                                self.abandon_unreadable(&task, &e.to_string(), &mut report)
+                                    .await?;
+                            }
+                        }
                     } else {
-                        let op = ResizeOp {
-                            ctx: ctx.clone(),
-                            id: task.vps_id,
-                            input: serde_json::from_value(input).map_err(bad)?,
-                        };
-                        tokio::spawn(async move {
-                            let _ = ctx.engine.run(claim, "resize", op).await;
-                        });
+                        match serde_json::from_value(input) {
+                            Ok(input) => {
+                                let op = ResizeOp {
+                                    ctx: ctx.clone(),
+                                    id: task.vps_id,
+                                    input,
+                                };
+                                tokio::spawn(async move {
+                                    let _ = ctx.engine.run(claim, "resize", op).await;
+                                });
+                            }
+                            Err(e) => {
+                                drop(claim);
+                                self.abandon_unreadable(&task, &e.to_string(), &mut report)
+                                    .await?;
+                            }
+                        }
                     }
                 }
                 kind if super::snapshots::Kind::parse(kind).is_some() => {
@@ -116,16 +133,25 @@ impl VmManager {
                     let snap_kind = super::snapshots::Kind::parse(kind).expect("checked");
                     tracing::info!(task = %task.id, vps = %task.vps_id, kind, "recovering snapshot task");
                     report.resumed.push(task.id);
-                    let op = super::snapshots::SnapshotOp::resumed(
+                    match super::snapshots::SnapshotOp::resumed(
                         ctx.clone(),
                         task.vps_id,
                         snap_kind,
                         task.input.clone(),
-                    )?;
-                    tokio::spawn(async move {
-                        let kind = op.kind_str();
-                        let _ = ctx.engine.run(claim, kind, op).await;
-                    });
+                    ) {
+                        Ok(op) => {
+                            tokio::spawn(async move {
+                                let kind = op.kind_str();
+                                let _ = ctx.engine.run(claim, kind, op).await;
+                            });
+                        }
+                        Err(e) => {
+                            drop(claim);
+                            report.resumed.retain(|t| *t != task.id);
+                            self.abandon_unreadable(&task, &e.to_string(), &mut report)
+                                .await?;
+                        }
+                    }
                 }
                 kind => {
                     // A power action's caller is gone with the old process; its effect (or
@@ -147,18 +173,21 @@ impl VmManager {
         self.compare_with_libvirt(&mut report).await?;
         // After a host reboot nothing is configured: bridges, tunnels, limits and filters
         // come back from the store, and leftovers of deleted VMs go.
-        match net::desired(&self.ctx, &[]).await {
-            Ok(desired) => match self.ctx.net.apply(&desired).await {
-                Ok(applied) => {
-                    tracing::info!(?applied, "network reconciled");
-                    report.network = Some(applied);
+        match net::reconcile(&self.ctx).await {
+            Ok(applied) => {
+                for e in &applied.errors {
+                    tracing::error!(error = %e, "network reconciliation: part not configured");
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot reconcile the network");
-                    report.network_error = Some(e.to_string());
+                if !applied.errors.is_empty() {
+                    report.network_error = Some(applied.errors.join("; "));
                 }
-            },
-            Err(e) => report.network_error = Some(e.to_string()),
+                tracing::info!(?applied, "network reconciled");
+                report.network = Some(applied);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reconcile the network");
+                report.network_error = Some(e.to_string());
+            }
         }
         *self
             .ctx
@@ -166,6 +195,29 @@ impl VmManager {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
         Ok(report)
+    }
+
+    /// A task whose recorded input this version cannot read: it is marked failed (and
+    /// reported) rather than stopping the agent from starting.
+    async fn abandon_unreadable(
+        &self,
+        task: &store::TaskRow,
+        why: &str,
+        report: &mut Reconciliation,
+    ) -> Result<(), VmError> {
+        tracing::error!(task = %task.id, kind = %task.kind, error = why,
+            "cannot resume a task whose input is unreadable; marking it failed");
+        self.ctx
+            .engine
+            .abandon(
+                task.id,
+                ErrorCode::InvalidState.as_str(),
+                &format!("interrupted by an agent restart and cannot be resumed: {why}"),
+            )
+            .await?;
+        report.resumed.retain(|t| *t != task.id);
+        report.abandoned.push(task.id);
+        Ok(())
     }
 
     async fn compare_with_libvirt(&self, report: &mut Reconciliation) -> Result<(), VmError> {
@@ -191,13 +243,22 @@ impl VmManager {
             report.unknown_domains.push(d.id);
             if policy.remove_unknown_domains && in_our_dir {
                 tracing::warn!(id = %d.id, "removing unknown domain (reconcile.remove_unknown_domains)");
-                create::remove_domain(&self.ctx, d.id, Op::Delete).await?;
-                self.ctx
-                    .disks
-                    .remove_all(d.id)
-                    .await
-                    .map_err(|e| VmError::storage(Op::Delete, e))?;
-                report.removed.push(d.id);
+                let removed = async {
+                    create::remove_domain(&self.ctx, d.id, Op::Delete).await?;
+                    self.ctx
+                        .disks
+                        .remove_all(d.id)
+                        .await
+                        .map_err(|e| VmError::storage(Op::Delete, e))
+                }
+                .await;
+                match removed {
+                    Ok(()) => report.removed.push(d.id),
+                    // Reported, not fatal: the agent must come up to serve the others.
+                    Err(e) => {
+                        tracing::error!(id = %d.id, error = %e, "cannot remove unknown domain")
+                    }
+                }
             }
         }
         for vm in vms.iter().filter(|v| v.state == store::VmRowState::Active) {
@@ -209,16 +270,18 @@ impl VmManager {
             if policy.remove_orphan_records {
                 tracing::warn!(vps = %vm.id, "removing orphan record (reconcile.remove_orphan_records)");
                 let id = vm.id;
-                self.ctx
-                    .disks
-                    .remove_all(id)
-                    .await
-                    .map_err(|e| VmError::storage(Op::Delete, e))?;
-                self.ctx
-                    .store
-                    .call(move |c| store::vms::delete(c, id))
-                    .await?;
-                report.removed.push(id);
+                match self.ctx.disks.remove_all(id).await {
+                    Ok(()) => {
+                        self.ctx
+                            .store
+                            .call(move |c| store::vms::delete(c, id))
+                            .await?;
+                        report.removed.push(id);
+                    }
+                    Err(e) => {
+                        tracing::error!(vps = %id, error = %e, "cannot remove orphan record's files")
+                    }
+                }
             }
         }
         Ok(())

@@ -240,7 +240,7 @@ fn ssh_key(key: &str) -> Result<String, String> {
 }
 
 fn known_key_type(kind: &str) -> bool {
-    matches!(kind, "ssh-ed25519" | "ssh-rsa" | "ssh-dss")
+    matches!(kind, "ssh-ed25519" | "ssh-rsa")
         || kind.starts_with("ecdsa-sha2-")
         || kind.starts_with("sk-")
 }
