@@ -4,7 +4,9 @@
 //! 1. `SeedInput` gathers what the guest needs, already validated (see `vm::validate`);
 //!    the root password arrives here only as a SHA-512 crypt hash (`hash_password`).
 //! 2. `render` fills the templates in `cloud-init/` (compiled into the binary); every value
-//!    is JSON-encoded, so client text can never escape its YAML scalar.
+//!    is written as one YAML flow node of printable ASCII (`template`: JSON's encoding with
+//!    every non-ASCII character escaped), so client text can never escape its scalar and
+//!    PyYAML, which cloud-init parses with, never refuses the document.
 //! 3. `seed::write` packs the three documents into a FAT image labelled `CIDATA`, which the
 //!    domain attaches read-only as a virtio disk (the cloud kernel has no SATA).
 //!
@@ -249,6 +251,35 @@ mod tests {
                 "{hostile}"
             );
         }
+    }
+
+    #[test]
+    fn unicode_in_a_key_comment_round_trips_as_printable_ascii() {
+        let keys =
+            vec!["ssh-ed25519 AAAA a\u{2028}b\u{7f}c é 😀 \u{85}\u{2029}\u{fffe}".to_string()];
+        let nics = nics();
+
+        let docs = render(&SeedInput {
+            instance_id: "i",
+            hostname: "h",
+            password_hash: "p",
+            ssh_keys: &keys,
+            nics: &nics,
+        })
+        .unwrap();
+        let parsed: serde_yaml::Value = serde_yaml::from_str(&docs.user_data).unwrap();
+
+        assert!(
+            docs.user_data
+                .bytes()
+                .all(|b| b == b'\n' || (b' '..=b'~').contains(&b)),
+            "{}",
+            docs.user_data
+        );
+        assert_eq!(
+            parsed["users"][0]["ssh_authorized_keys"][0].as_str(),
+            Some(keys[0].as_str())
+        );
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The libvirt domain XML of a VM.
 //!
 //! Built by hand from typed values with every attribute and text node escaped, so that no
-//! value can add an element. The golden files in `tests/golden/` show exactly what reaches
-//! libvirt; a change here shows up as a diff there.
+//! value can add an element, and every character XML 1.0 can carry reads back exactly (tab,
+//! newline and carriage return as references, which parsers would otherwise normalise).
+//! The few it cannot carry even escaped (most C0 controls, U+FFFE, U+FFFF) make
+//! `try_render` refuse the spec; `render` replaces them with U+FFFD. The golden files in
+//! `tests/golden/` show exactly what reaches libvirt; a change here shows up as a diff there.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -45,7 +48,22 @@ pub struct DomainSpec<'a> {
 /// hot-plugged NICs.
 const ROOT_PORTS: usize = 14;
 
-/// Escapes text for an XML attribute value or text node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainXmlError {
+    #[error("{field} holds {character:?}, which XML 1.0 cannot carry")]
+    Unrepresentable {
+        field: &'static str,
+        character: char,
+    },
+}
+
+/// Whether XML 1.0 can carry `c` at all, raw or as a character reference (its `Char`).
+pub fn xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
+/// Escapes text for an XML attribute value or text node; it reads back as `s` unless `s`
+/// holds a character XML cannot carry (see `xml_char`), which becomes U+FFFD.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -55,12 +73,59 @@ pub fn escape(s: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
-            // XML 1.0 cannot carry other control characters at all.
-            c if c.is_control() && !matches!(c, '\t' | '\n' | '\r') => out.push('\u{FFFD}'),
+            c if !xml_char(c) => out.push('\u{FFFD}'),
+            // Raw, a parser would turn these into spaces (attributes) or CR into LF; DEL and
+            // the C1 controls are legal but invisible.
+            c if c.is_control() => {
+                let _ = write!(out, "&#x{:X};", c as u32);
+            }
             c => out.push(c),
         }
     }
     out
+}
+
+/// The first value of `spec` holding a character XML 1.0 cannot carry.
+fn unrepresentable(spec: &DomainSpec<'_>) -> Option<DomainXmlError> {
+    let paths = [
+        spec.ovmf_code,
+        spec.ovmf_vars,
+        spec.nvram,
+        spec.disk,
+        spec.seed,
+    ]
+    .map(|p| ("path", p.to_string_lossy()));
+    let texts = [
+        ("name", spec.name),
+        ("title", spec.title),
+        ("template_id", spec.template_id),
+        ("machine", spec.machine),
+        ("cpu_mode", spec.cpu_mode.unwrap_or_default()),
+    ];
+    let nics = spec
+        .nics
+        .iter()
+        .flat_map(|n| [("mac", n.mac), ("bridge", n.bridge), ("tap", n.tap)]);
+    let found = texts
+        .into_iter()
+        .chain(nics)
+        .chain(paths.iter().map(|(f, p)| (*f, p.as_ref())))
+        .find_map(|(field, value)| {
+            value
+                .chars()
+                .find(|c| !xml_char(*c))
+                .map(|character| DomainXmlError::Unrepresentable { field, character })
+        });
+    found
+}
+
+/// `render`, refusing a spec that holds a character XML 1.0 cannot carry instead of
+/// replacing it: every value in the document reads back exactly.
+pub fn try_render(spec: &DomainSpec<'_>) -> Result<String, DomainXmlError> {
+    match unrepresentable(spec) {
+        Some(e) => Err(e),
+        None => Ok(render(spec)),
+    }
 }
 
 fn p(path: &Path) -> String {
@@ -260,5 +325,38 @@ mod tests {
     #[test]
     fn control_characters_are_replaced() {
         assert_eq!(escape("a\u{1}b"), "a\u{FFFD}b");
+    }
+
+    #[test]
+    fn line_breaks_tabs_and_c1_controls_are_character_references() {
+        assert_eq!(
+            escape("a\tb\nc\rd\u{7f}e\u{85}"),
+            "a&#x9;b&#xA;c&#xD;d&#x7F;e&#x85;"
+        );
+    }
+
+    #[test]
+    fn characters_xml_cannot_carry_are_refused_by_try_render() {
+        for title in ["a\u{1}b", "\u{fffe}", "\u{ffff}", "\0"] {
+            let nics = [];
+
+            let refused = try_render(&spec(title, &nics));
+
+            assert!(
+                matches!(
+                    refused,
+                    Err(DomainXmlError::Unrepresentable { field: "title", .. })
+                ),
+                "{title:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn try_render_is_render_for_representable_specs() {
+        let nics = [];
+        let spec = spec("a\tb\u{85}é😀", &nics);
+
+        assert_eq!(try_render(&spec), Ok(render(&spec)));
     }
 }

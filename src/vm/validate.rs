@@ -217,8 +217,8 @@ fn ssh_key(key: &str) -> Result<String, String> {
     if key.len() > MAX_SSH_KEY_LEN {
         return Err("key is too long".into());
     }
-    if key.chars().any(|c| c.is_control() && c != '\t') {
-        return Err("a key must be one line without control characters".into());
+    if !key.chars().all(key_char) {
+        return Err("a key must be one line of printable characters".into());
     }
     let mut parts = key.splitn(3, [' ', '\t']);
     let kind = parts.next().unwrap_or_default();
@@ -239,6 +239,14 @@ fn ssh_key(key: &str) -> Result<String, String> {
     Ok(key.to_owned())
 }
 
+/// What a key line may hold: no control character but the tab, no Unicode line or
+/// paragraph separator (YAML 1.1, which cloud-init reads its seed with, breaks lines there)
+/// and no noncharacter (PyYAML refuses U+FFFE and U+FFFF even quoted; none is text).
+fn key_char(c: char) -> bool {
+    let noncharacter = ('\u{fdd0}'..='\u{fdef}').contains(&c) || (c as u32 & 0xfffe) == 0xfffe;
+    (!c.is_control() || c == '\t') && !matches!(c, '\u{2028}' | '\u{2029}') && !noncharacter
+}
+
 fn known_key_type(kind: &str) -> bool {
     matches!(kind, "ssh-ed25519" | "ssh-rsa")
         || kind.starts_with("ecdsa-sha2-")
@@ -248,7 +256,7 @@ fn known_key_type(kind: &str) -> bool {
 /// The type string an SSH wire-format key blob starts with (u32 length + bytes).
 fn embedded_type(blob: &[u8]) -> Option<&[u8]> {
     let len = u32::from_be_bytes(blob.get(..4)?.try_into().ok()?) as usize;
-    blob.get(4..4 + len)
+    blob.get(4..4usize.checked_add(len)?)
 }
 
 /// Resource fields that are present: positive and within the node's per-VM limits.
@@ -418,6 +426,45 @@ mod tests {
                 "{key:?}"
             );
         }
+    }
+
+    #[test]
+    fn key_comments_with_line_separators_or_non_printables_are_refused() {
+        for c in [
+            '\u{7f}',
+            '\u{85}',
+            '\u{9f}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{fffe}',
+            '\u{ffff}',
+            '\u{fdd0}',
+            '\u{1fffe}',
+        ] {
+            let key = format!("{ED25519} a{c}b");
+
+            assert!(
+                matches!(
+                    ssh_keys(&[key]),
+                    Err(ValidationError::InvalidSshKey { index: 0, .. })
+                ),
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn key_comments_may_hold_printable_unicode_and_tabs() {
+        let key = format!("{ED25519}\tJosé 😀 \u{a0}");
+
+        assert_eq!(ssh_keys(std::slice::from_ref(&key)), Ok(vec![key]));
+    }
+
+    #[test]
+    fn a_key_blob_with_a_huge_type_length_is_refused() {
+        let blob = base64::engine::general_purpose::STANDARD.encode([0xff, 0xff, 0xff, 0xff, b'x']);
+
+        assert!(ssh_keys(&[format!("ssh-ed25519 {blob}")]).is_err());
     }
 
     #[test]
