@@ -31,6 +31,8 @@ enum Command {
     Config,
     /// Print the SHA-256 to put in api.token_sha256 for a token read from stdin.
     HashToken,
+    /// Print the OpenAPI document of the API (the repository's openapi.json).
+    Openapi,
     /// Talk to the running agent over its Unix socket.
     Ctl {
         /// Socket path; default: api.socket from the configuration.
@@ -129,6 +131,10 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             println!("{}", hvnode::api::auth::hash_token(token.trim()));
+            ExitCode::SUCCESS
+        }
+        Command::Openapi => {
+            print!("{}", hvnode::api::openapi::json());
             ExitCode::SUCCESS
         }
         Command::Ctl {

@@ -15,9 +15,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::error::ErrorBody;
 use super::extract::{vm_id, JsonBody, Path, QueryMap};
+use super::openapi::VpsId;
 use super::status::websocket_required;
-use super::{ok, ApiResult};
+use super::{ok, ApiResult, Envelope};
 use crate::app::App;
 use crate::console::{self, ConsoleKind, Grant, TicketError};
 use crate::errors::ErrorCode;
@@ -25,15 +27,18 @@ use crate::hypervisor::PowerState;
 
 const MAX_TTL_S: u64 = 300;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsoleRequest {
     #[serde(rename = "type")]
+    #[schema(value_type = ConsoleKind, required = true)]
     pub kind: Option<ConsoleKind>,
+    /// How long the ticket stays valid; default `console.ticket_ttl_s`.
+    #[schema(minimum = 1, maximum = 300)]
     pub ttl_seconds: Option<u64>,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ConsoleTicket {
     pub vps_id: uuid::Uuid,
     pub console_url: String,
@@ -44,6 +49,11 @@ pub struct ConsoleTicket {
     pub expires_in_seconds: u64,
 }
 
+/// Issue a console ticket for a running VPS: random, single-use, bound to the VPS and the
+/// console type, and short-lived.
+#[utoipa::path(post, path = "/v1/vms/{id}/console", tag = "console", params(VpsId),
+    request_body = ConsoleRequest,
+    responses((status = 200, description = "The ticket and where to use it", body = Envelope<ConsoleTicket>)))]
 pub async fn console_create(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -116,6 +126,12 @@ fn novnc_grant(app: &App, ticket: &str) -> Result<Grant, ApiError> {
 }
 
 /// The noVNC page. Loading it does not use the ticket up.
+#[utoipa::path(get, path = "/console/{ticket}", tag = "console", security(()),
+    params(("ticket" = String, Path, description = "A noVNC console ticket")),
+    responses(
+        (status = 200, description = "The noVNC page", content_type = "text/html", body = String),
+        (status = 403, description = "Unknown, expired or used ticket (`INVALID_TICKET`)", body = ErrorBody),
+    ))]
 pub async fn console_page(
     State(app): State<Arc<App>>,
     Path(ticket): Path<String>,
@@ -148,6 +164,18 @@ pub async fn console_page(
 }
 
 /// A file of the noVNC client, for a page holding a valid ticket.
+#[utoipa::path(get, path = "/console/{ticket}/novnc/{path}", tag = "console", security(()),
+    params(
+        ("ticket" = String, Path, description = "A noVNC console ticket"),
+        ("path" = String, Path, description = "A file under the noVNC directory; may contain `/`"),
+    ),
+    responses(
+        (status = 200, description = "The file", content(
+            ("text/javascript"), ("text/html"), ("text/css"), ("application/json"),
+            ("image/svg+xml"), ("image/png"), ("image/x-icon"), ("font/woff"), ("font/woff2"),
+            ("font/ttf"), ("audio/ogg"), ("audio/mpeg"), ("application/octet-stream"))),
+        (status = 403, description = "Unknown, expired or used ticket (`INVALID_TICKET`)", body = ErrorBody),
+    ))]
 pub async fn console_asset(
     State(app): State<Arc<App>>,
     Path((ticket, path)): Path<(String, String)>,
@@ -169,6 +197,17 @@ pub async fn console_asset(
 
 /// The console WebSocket: checks the ticket, uses it up, opens the VM's VNC or serial
 /// console and upgrades. Any failure is answered before the upgrade.
+#[utoipa::path(get, path = "/v1/console/ws", tag = "console", security(()),
+    params(
+        ("ticket" = String, Query, description = "The ticket; it is used up by the upgrade"),
+        ("vps_id" = Option<uuid::Uuid>, Query, description = "Refuse the ticket unless it is for this VPS"),
+        ("type" = Option<ConsoleKind>, Query, description = "Refuse the ticket unless it is for this console type"),
+    ),
+    responses(
+        (status = 101, description = "WebSocket (subprotocol `binary` when offered): raw RFB (novnc) or serial bytes"),
+        (status = 403, description = "Unknown, expired, used or mismatched ticket (`INVALID_TICKET`)", body = ErrorBody),
+        (status = 426, description = "Not a WebSocket upgrade (`WEBSOCKET_REQUIRED`)", body = ErrorBody),
+    ))]
 pub async fn console_ws(
     State(app): State<Arc<App>>,
     query: QueryMap,

@@ -96,13 +96,35 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// Every error answer: `{"success": false, "error", "error_code", "message"}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    #[schema(schema_with = super::openapi::always_false)]
     success: bool,
+    /// A short title of the code.
     error: &'a str,
+    #[schema(value_type = ErrorCode)]
     error_code: &'a str,
+    /// What went wrong, for a human.
     message: &'a str,
 }
+
+/// The wire form of `error_code`: every contract code, and `INTERNAL_ERROR` for a request
+/// that failed inside the agent (a panic caught by the router).
+impl utoipa::PartialSchema for ErrorCode {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let codes = ErrorCode::ALL
+            .iter()
+            .map(|c| c.as_str())
+            .chain([super::INTERNAL_ERROR]);
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .enum_values(Some(codes))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ErrorCode {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -11,6 +11,10 @@
 //!    it, and wraps the result: `{"success": true, "data": …}`. Domain errors become
 //!    envelope errors through the one table in `error.rs`.
 //! 5. A panic anywhere below is caught and answered with a 500 envelope; the agent lives on.
+//!
+//! `openapi` describes all of this as an OpenAPI document, served at `GET /v1/openapi.json`
+//! and checked in as `openapi.json`; `ROUTES` lists what the router serves, and the tests
+//! hold the router, the list and the document to each other.
 
 pub mod auth;
 mod console;
@@ -18,6 +22,7 @@ pub mod error;
 pub mod extract;
 mod networks;
 mod node;
+pub mod openapi;
 mod snapshots;
 mod status;
 mod tasks;
@@ -61,13 +66,67 @@ impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for Un
     }
 }
 
-#[derive(Serialize)]
+/// Every success answer: `{"success": true, "data": …, "message"?: …}`.
+#[derive(Serialize, utoipa::ToSchema)]
 struct Envelope<T> {
+    #[schema(schema_with = openapi::always_true)]
     success: bool,
     data: T,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
 }
+
+/// The `error_code` of a request that failed inside the agent.
+const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
+
+/// Every route the router serves, as `(method, path)` in the router's syntax. The tests
+/// hold it to the router (each path answers exactly its listed methods) and to the OpenAPI
+/// document (which holds these operations and no other).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/health"),
+    ("GET", "/v1/openapi.json"),
+    ("GET", "/v1/node"),
+    ("GET", "/v1/templates"),
+    ("GET", "/v1/vms"),
+    ("POST", "/v1/vms"),
+    ("GET", "/v1/vms/{id}"),
+    ("DELETE", "/v1/vms/{id}"),
+    ("GET", "/v1/vms/{id}/deployment"),
+    ("POST", "/v1/vms/{id}/start"),
+    ("POST", "/v1/vms/{id}/stop"),
+    ("POST", "/v1/vms/{id}/restart"),
+    ("POST", "/v1/vms/{id}/reset"),
+    ("POST", "/v1/vms/{id}/suspend"),
+    ("POST", "/v1/vms/{id}/resume"),
+    ("POST", "/v1/vms/{id}/reinstall"),
+    ("POST", "/v1/vms/{id}/resize"),
+    ("GET", "/v1/vms/{id}/snapshots"),
+    ("POST", "/v1/vms/{id}/snapshots"),
+    ("DELETE", "/v1/vms/{id}/snapshots/{name}"),
+    ("POST", "/v1/vms/{id}/snapshots/{name}/rollback"),
+    ("GET", "/v1/vms/{id}/ips"),
+    ("POST", "/v1/vms/{id}/ips"),
+    ("DELETE", "/v1/vms/{id}/ips/{address}"),
+    ("POST", "/v1/vms/{id}/ips/{address}/move"),
+    ("GET", "/v1/private-networks"),
+    ("POST", "/v1/private-networks"),
+    ("GET", "/v1/private-networks/subnets"),
+    ("DELETE", "/v1/private-networks/{id}"),
+    ("POST", "/v1/private-networks/{id}/attach"),
+    (
+        "DELETE",
+        "/v1/private-networks/{id}/members/{membership_id}",
+    ),
+    ("GET", "/v1/vms/{id}/status"),
+    ("GET", "/v1/vms/{id}/status/stream"),
+    ("POST", "/v1/vms/{id}/console"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/tasks"),
+    ("GET", "/v1/tasks/{id}"),
+    ("GET", "/console/{ticket}"),
+    ("GET", "/console/{ticket}/novnc/{*path}"),
+    ("GET", "/v1/console/ws"),
+];
 
 /// `200 {"success": true, "data": data}`.
 pub fn ok<T: Serialize>(data: T) -> Response {
@@ -144,6 +203,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(status::metrics))
         .route("/v1/tasks", get(tasks::task_list))
         .route("/v1/tasks/{id}", get(tasks::task_get))
+        .route("/v1/openapi.json", get(openapi::openapi_json))
         .route_layer(middleware::from_fn_with_state(
             app.clone(),
             auth::require_auth,
@@ -274,7 +334,7 @@ fn internal_error() -> Response {
     let body = serde_json::json!({
         "success": false,
         "error": "Internal error",
-        "error_code": "INTERNAL_ERROR",
+        "error_code": INTERNAL_ERROR,
         "message": "the request failed inside the agent; its log has the details",
     });
     (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()

@@ -4,17 +4,27 @@ use std::sync::Arc;
 
 use axum::extract::State;
 
-use super::{ok, ApiResult};
-use crate::app::App;
+use super::{ok, ApiResult, Envelope};
+use crate::app::{App, Health, NodeInfo, Templates};
 
+/// The agent's health; needs no token.
+#[utoipa::path(get, path = "/v1/health", tag = "node", security(()),
+    responses((status = 200, description = "Healthy, or degraded while libvirt is unreachable",
+        body = Envelope<Health>)))]
 pub async fn health(State(app): State<Arc<App>>) -> ApiResult {
     Ok(ok(app.health().await))
 }
 
+/// The host: CPU, memory, storage, versions, instances and what they are allocated.
+#[utoipa::path(get, path = "/v1/node", tag = "node",
+    responses((status = 200, description = "The node", body = Envelope<NodeInfo>)))]
 pub async fn node_info(State(app): State<Arc<App>>) -> ApiResult {
     Ok(ok(app.node_info().await?))
 }
 
+/// The templates a VPS can be created from.
+#[utoipa::path(get, path = "/v1/templates", tag = "node",
+    responses((status = 200, description = "The node's templates", body = Envelope<Templates>)))]
 pub async fn templates(State(app): State<Arc<App>>) -> ApiResult {
     Ok(ok(app.templates().await?))
 }

@@ -12,10 +12,13 @@ use futures_util::{SinkExt, StreamExt};
 use uuid::Uuid;
 
 use super::error::ApiError;
+use super::error::ErrorBody;
 use super::extract::{vm_id, Path, QueryMap};
-use super::{ok, ApiResult};
+use super::openapi::VpsId;
+use super::{ok, ApiResult, Envelope};
 use crate::app::App;
 use crate::errors::ErrorCode;
+use crate::metrics::StatusDoc;
 use crate::vm::VmError;
 
 const DEFAULT_INTERVAL_MS: u64 = 1000;
@@ -23,12 +26,24 @@ const MIN_INTERVAL_MS: u64 = 200;
 const MAX_INTERVAL_MS: u64 = 60_000;
 const STALLED_READER: Duration = Duration::from_secs(30);
 
+/// The live status of a VPS: QMP status, CPU, memory, disk and network counters.
+#[utoipa::path(get, path = "/v1/vms/{id}/status", tag = "status", params(VpsId),
+    responses((status = 200, description = "The status document", body = Envelope<StatusDoc>)))]
 pub async fn vm_status(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     Ok(ok(app.vm_status(vm_id(&id)?).await?))
 }
 
 /// One status document (the `data` of `GET …/status`) per interval, as a text message,
 /// until the client closes or the VM is deleted (close code 1000, reason "deleted").
+#[utoipa::path(get, path = "/v1/vms/{id}/status/stream", tag = "status",
+    params(VpsId,
+        ("interval_ms" = Option<u64>, Query, minimum = 200, maximum = 60000,
+            description = "Milliseconds between documents; default 1000"),
+    ),
+    responses(
+        (status = 101, description = "WebSocket: a `StatusDoc` (JSON text message) per interval"),
+        (status = 426, description = "Not a WebSocket upgrade (`WEBSOCKET_REQUIRED`)", body = ErrorBody),
+    ))]
 pub async fn vm_status_stream(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -110,6 +125,10 @@ async fn stream(app: Arc<App>, id: Uuid, interval: Duration, socket: WebSocket) 
     let _ = tokio::time::timeout(STALLED_READER, tx.close()).await;
 }
 
+/// Prometheus text exposition of the node, every VPS and the agent.
+#[utoipa::path(get, path = "/metrics", tag = "status",
+    responses((status = 200, description = "Prometheus text format 0.0.4",
+        content_type = "text/plain", body = String)))]
 pub async fn metrics(State(app): State<Arc<App>>) -> ApiResult {
     let text = app.metrics_text().await?;
     Ok((

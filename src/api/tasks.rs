@@ -6,11 +6,22 @@ use axum::extract::State;
 
 use super::error::ApiError;
 use super::extract::{task_id, vm_id, Path, QueryMap};
-use super::{ok, ApiResult};
+use super::openapi::{TaskId, TaskList};
+use super::{ok, ApiResult, Envelope};
 use crate::app::App;
 use crate::errors::ErrorCode;
 use crate::store::{TaskFilter, TaskState};
+use crate::vm::model::TaskView;
 
+/// Recent tasks, newest first.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
+    params(
+        ("vps_id" = Option<uuid::Uuid>, Query, description = "Only this VPS's tasks"),
+        ("state" = Option<TaskState>, Query, description = "Only tasks in this state"),
+        ("kind" = Option<String>, Query, description = "Only tasks of this kind (create, stop, …)"),
+        ("limit" = Option<u64>, Query, minimum = 0, description = "Default 100; clamped to 1–1000"),
+    ),
+    responses((status = 200, description = "The tasks", body = Envelope<TaskList>)))]
 pub async fn task_list(State(app): State<Arc<App>>, query: QueryMap) -> ApiResult {
     let state = query
         .get("state")
@@ -33,6 +44,9 @@ pub async fn task_list(State(app): State<Arc<App>>, query: QueryMap) -> ApiResul
     Ok(ok(serde_json::json!({ "tasks": tasks })))
 }
 
+/// One task with its steps.
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(TaskId),
+    responses((status = 200, description = "The task", body = Envelope<TaskView>)))]
 pub async fn task_get(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     Ok(ok(app.vms.task(task_id(&id)?).await?))
 }

@@ -7,16 +7,27 @@ use axum::http::StatusCode;
 
 use super::error::ApiError;
 use super::extract::{vm_id, JsonBody, Path, QueryMap};
-use super::{ok, with_status, ApiResult};
+use super::openapi::VpsId;
+use super::{ok, with_status, ApiResult, Envelope};
 use crate::app::App;
 use crate::errors::ErrorCode;
-use crate::vm::model::{CreateVmRequest, ListQuery, ReinstallRequest, ResizeRequest, VmStatus};
+use crate::vm::model::{
+    ActionResult, CreateAccepted, CreateVmRequest, Deleted, Deployment, ListQuery,
+    ReinstallRequest, ResizeRequest, TaskAccepted, VmDetail, VmList, VmStatus,
+};
 use crate::vm::state::Action;
 use crate::vm::StopOptions;
 
 const DEFAULT_LIMIT: u64 = 50;
 const MAX_LIMIT: u64 = 100;
 
+/// Create a VPS: its deployment runs as a task.
+///
+/// Repeating the same body with the same id returns the same task; the same id with another
+/// body is `VPS_EXISTS`.
+#[utoipa::path(post, path = "/v1/vms", tag = "vms",
+    request_body = CreateVmRequest,
+    responses((status = 202, description = "Deployment started", body = Envelope<CreateAccepted>)))]
 pub async fn vm_create(
     State(app): State<Arc<App>>,
     JsonBody(req): JsonBody<CreateVmRequest>,
@@ -29,6 +40,14 @@ pub async fn vm_create(
     ))
 }
 
+/// List VPSs.
+#[utoipa::path(get, path = "/v1/vms", tag = "vms",
+    params(
+        ("status" = Option<VmStatus>, Query, description = "Only VPSs in this status"),
+        ("limit" = Option<u64>, Query, minimum = 0, description = "Page size, default 50; clamped to 1–100"),
+        ("offset" = Option<u64>, Query, minimum = 0, description = "Default 0"),
+    ),
+    responses((status = 200, description = "One page of VPSs", body = Envelope<VmList>)))]
 pub async fn vm_list(State(app): State<Arc<App>>, query: QueryMap) -> ApiResult {
     let status = query
         .get("status")
@@ -55,14 +74,23 @@ pub async fn vm_list(State(app): State<Arc<App>>, query: QueryMap) -> ApiResult 
     Ok(ok(list))
 }
 
+/// One VPS in detail.
+#[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", params(VpsId),
+    responses((status = 200, description = "The VPS", body = Envelope<VmDetail>)))]
 pub async fn vm_get(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     Ok(ok(app.vms.get(vm_id(&id)?).await?))
 }
 
+/// The deployment progress of a VPS, as the platform shows it.
+#[utoipa::path(get, path = "/v1/vms/{id}/deployment", tag = "vms", params(VpsId),
+    responses((status = 200, description = "The deployment document", body = Envelope<Deployment>)))]
 pub async fn vm_deployment(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     Ok(ok(app.vms.deployment(vm_id(&id)?).await?))
 }
 
+/// Delete a VPS with its disks, seed, snapshots, addresses and network memberships.
+#[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", params(VpsId),
+    responses((status = 200, description = "The VPS is gone", body = Envelope<Deleted>)))]
 pub async fn vm_delete(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     let id = vm_id(&id)?;
     // Outstanding console tickets die with the VM, whatever the delete's outcome.
@@ -74,10 +102,21 @@ async fn power(app: &App, id: &str, action: Action, stop: StopOptions) -> ApiRes
     Ok(ok(app.vms.action(vm_id(id)?, action, stop).await?))
 }
 
+/// Start a VPS.
+#[utoipa::path(post, path = "/v1/vms/{id}/start", tag = "vms", params(VpsId),
+    responses((status = 200, description = "The state is reached", body = Envelope<ActionResult>)))]
 pub async fn vm_start(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     power(&app, &id, Action::Start, StopOptions::default()).await
 }
 
+/// Stop a VPS: ACPI shutdown, powered off after `timeout_s`.
+#[utoipa::path(post, path = "/v1/vms/{id}/stop", tag = "vms",
+    params(VpsId,
+        ("force" = Option<bool>, Query, description = "Power off at once; default false"),
+        ("timeout_s" = Option<u64>, Query, minimum = 0,
+            description = "Seconds the guest may take to shut down; default 60, at most 3600"),
+    ),
+    responses((status = 200, description = "The state is reached", body = Envelope<ActionResult>)))]
 pub async fn vm_stop(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -91,6 +130,14 @@ pub async fn vm_stop(
     power(&app, &id, Action::Stop, stop).await
 }
 
+/// Restart a VPS: ACPI shutdown (powered off after `timeout_s`), then start.
+#[utoipa::path(post, path = "/v1/vms/{id}/restart", tag = "vms",
+    params(VpsId,
+        ("force" = Option<bool>, Query, description = "Power off at once; default false"),
+        ("timeout_s" = Option<u64>, Query, minimum = 0,
+            description = "Seconds the guest may take to shut down; default 60, at most 3600"),
+    ),
+    responses((status = 200, description = "The state is reached", body = Envelope<ActionResult>)))]
 pub async fn vm_restart(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -104,18 +151,31 @@ pub async fn vm_restart(
     power(&app, &id, Action::Restart, stop).await
 }
 
+/// Reset a VPS (hard reboot).
+#[utoipa::path(post, path = "/v1/vms/{id}/reset", tag = "vms", params(VpsId),
+    responses((status = 200, description = "The state is reached", body = Envelope<ActionResult>)))]
 pub async fn vm_reset(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     power(&app, &id, Action::Reset, StopOptions::default()).await
 }
 
+/// Suspend (pause) a VPS.
+#[utoipa::path(post, path = "/v1/vms/{id}/suspend", tag = "vms", params(VpsId),
+    responses((status = 200, description = "The state is reached", body = Envelope<ActionResult>)))]
 pub async fn vm_suspend(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     power(&app, &id, Action::Suspend, StopOptions::default()).await
 }
 
+/// Resume a suspended VPS.
+#[utoipa::path(post, path = "/v1/vms/{id}/resume", tag = "vms", params(VpsId),
+    responses((status = 200, description = "The state is reached", body = Envelope<ActionResult>)))]
 pub async fn vm_resume(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     power(&app, &id, Action::Resume, StopOptions::default()).await
 }
 
+/// Reinstall a VPS: its disk is cloned again from a template; id, addresses and MACs stay.
+#[utoipa::path(post, path = "/v1/vms/{id}/reinstall", tag = "vms", params(VpsId),
+    request_body = ReinstallRequest,
+    responses((status = 202, description = "Reinstall started", body = Envelope<TaskAccepted>)))]
 pub async fn vm_reinstall(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -129,6 +189,10 @@ pub async fn vm_reinstall(
     ))
 }
 
+/// Resize a VPS. Growing the disk keeps its data; shrinking needs a confirmation.
+#[utoipa::path(post, path = "/v1/vms/{id}/resize", tag = "vms", params(VpsId),
+    request_body = ResizeRequest,
+    responses((status = 202, description = "Resize started", body = Envelope<TaskAccepted>)))]
 pub async fn vm_resize(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,

@@ -1,13 +1,14 @@
 //! The status document of `GET /v1/vms/{id}/status` and of its stream.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::sampler::Sample;
 use crate::store::VmRow;
 use crate::vm::VmStatus;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct StatusDoc {
     pub vps_id: Uuid,
     pub name: String,
@@ -19,31 +20,33 @@ pub struct StatusDoc {
     pub disk: DiskDoc,
     pub network: NetworkDoc,
     pub uptime_seconds: u64,
+    /// QEMU's process id; null when no QEMU runs the VM.
+    #[schema(required = true)]
     pub pid: Option<u32>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct CpuDoc {
     /// Percent of the VM's vCPUs used over the last sampling interval (0–100).
     pub usage_percent: f64,
     pub cores: u32,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct MemoryDoc {
     pub used_bytes: u64,
     pub total_bytes: u64,
     pub usage_percent: f64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct DiskDoc {
     pub read_bytes: u64,
     pub write_bytes: u64,
 }
 
 /// From the VM's point of view: `in` is what it received.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct NetworkDoc {
     pub in_bytes: u64,
     pub out_bytes: u64,

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::create::write_seed;
@@ -23,52 +24,60 @@ use crate::network::ipam::{IpamError, Pool};
 use crate::store::{self, NewTask, VmRow, VmRowState};
 use crate::tasks::{BoxFuture, Claim, Operation, StepCtx};
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct AddIpRequest {
     /// The address to add (`ip` is accepted as a synonym); absent: the pool's next free one.
     #[serde(alias = "ip")]
+    #[schema(example = "203.0.113.20")]
     pub address: Option<String>,
     /// `ipv4` (default) or `ipv6`, when no address is given.
+    #[schema(value_type = Option<crate::api::openapi::IpFamily>)]
     pub family: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct MoveIpRequest {
+    #[schema(value_type = String, format = Uuid, required = true)]
     pub target_vps_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct IpEntry {
+    #[schema(value_type = String, example = "203.0.113.10")]
     pub address: IpAddr,
     #[serde(rename = "type")]
+    #[schema(value_type = crate::api::openapi::IpKind)]
     pub kind: String,
     pub adapter: String,
     pub mac: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct IpLimits {
     pub max_extra_ips: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct IpList {
     pub ips: Vec<IpEntry>,
     pub limits: IpLimits,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct IpAdded {
+    #[schema(value_type = String, example = "203.0.113.20")]
     pub address: IpAddr,
     pub adapter: String,
     #[serde(rename = "type")]
+    #[schema(value_type = crate::api::openapi::IpKind)]
     pub kind: &'static str,
     /// Whether the guest agent applied it at once (else at the next boot).
     pub applied_live: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct IpMoved {
+    #[schema(value_type = String, example = "203.0.113.20")]
     pub address: IpAddr,
     pub from_vps_id: Uuid,
     pub to_vps_id: Uuid,

@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::hypervisor::PowerState;
@@ -12,45 +13,94 @@ use crate::store::{StepState, TaskRow, TaskState, VmRow, VmRowState};
 /// `POST /v1/vms` as sent. Every field is optional here so that a missing one is reported
 /// as `MISSING_FIELDS` by `validate::create` rather than as a parse error; numbers are
 /// signed so that negatives are `INVALID_RESOURCES`, not `INVALID_JSON`.
-#[derive(Debug, Default, Deserialize)]
+///
+/// The schema marks the contract's required fields as required and gives their rules, so
+/// that a schema-driven client builds valid requests; the agent itself answers a missing
+/// one with `MISSING_FIELDS` and a bad one with its own error code.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(
+    description = "`POST /v1/vms`. A missing required field is `MISSING_FIELDS`; the \
+    fields are then checked in order (`INVALID_HOSTNAME`, `PASSWORD_*`, `INVALID_SSH_KEY`, \
+    `INVALID_TEMPLATE`, `INVALID_RESOURCES`, …). The same id with the same body again \
+    returns the same task; with another body it is `VPS_EXISTS`."
+)]
 pub struct CreateVmRequest {
+    /// The VPS id (also the libvirt domain UUID), chosen by the control plane.
+    #[schema(value_type = String, format = Uuid, required = true)]
     pub id: Option<String>,
+    /// An FQDN or a single label: 1–253 characters, labels 1–63 of `a-z`, `0-9` and `-`,
+    /// not starting or ending with `-`.
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 253,
+        pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$",
+        example = "web1.example.com")]
     pub hostname: Option<String>,
+    #[schema(value_type = TemplateId, required = true)]
     pub template_id: Option<TemplateId>,
+    /// At least 1, at most the node's `capacity.max_cpu_cores`.
+    #[schema(value_type = i64, required = true, minimum = 1, example = 2)]
     pub cpu_cores: Option<i64>,
+    /// Between the node's `capacity.min_ram_mb` and `capacity.max_ram_mb`.
+    #[schema(value_type = i64, required = true, minimum = 1, example = 2048)]
     pub ram_mb: Option<i64>,
+    /// At least 1 and the template's size, at most the node's `capacity.max_disk_gb`.
+    #[schema(value_type = i64, required = true, minimum = 1, example = 20)]
     pub disk_gb: Option<i64>,
+    /// 8–72 characters with at least one letter and one digit (the pattern asks for an ASCII
+    /// letter; the agent takes any).
+    #[schema(value_type = String, format = Password, write_only, required = true,
+        min_length = 8, max_length = 72, pattern = "^(.*[A-Za-z].*[0-9].*|.*[0-9].*[A-Za-z].*)$")]
     pub root_password: Option<Secret>,
+    /// OpenSSH public keys, one line each (`ssh-ed25519`, `ssh-rsa`, `ecdsa-sha2-*`, `sk-*`).
+    #[schema(max_items = 32)]
     pub ssh_keys: Option<Vec<String>>,
+    #[schema(minimum = 1, maximum = 100_000)]
     pub bandwidth_mbps: Option<i64>,
+    /// A free address of the node's pool; absent: the next free one.
     pub ip_address: Option<String>,
+    /// Where `vps.deployment.completed` / `vps.deployment.failed` are POSTed.
+    #[schema(max_length = 2048, pattern = "^https?://")]
     pub webhook_url: Option<String>,
+    /// Key of the `X-Webhook-Signature` HMAC; at most 1024 bytes.
+    #[schema(value_type = Option<String>, format = Password, write_only)]
     pub webhook_secret: Option<Secret>,
 }
 
 /// `POST /v1/vms/{id}/reinstall`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct ReinstallRequest {
+    #[schema(value_type = TemplateId, required = true)]
     pub template_id: Option<TemplateId>,
+    /// 8–72 characters with at least one letter and one digit (the pattern asks for an ASCII
+    /// letter; the agent takes any).
+    #[schema(value_type = String, format = Password, write_only, required = true,
+        min_length = 8, max_length = 72, pattern = "^(.*[A-Za-z].*[0-9].*|.*[0-9].*[A-Za-z].*)$")]
     pub root_password: Option<Secret>,
     /// Absent: keep the VM's current keys.
+    #[schema(max_items = 32)]
     pub ssh_keys: Option<Vec<String>>,
 }
 
 /// `POST /v1/vms/{id}/resize`.
-#[derive(Debug, Default, Deserialize)]
+///
+/// At least one of `cpu_cores`, `ram_mb` and `disk_gb`. Shrinking the disk re-clones it
+/// from the template and needs `confirm_data_loss: true` and `erase_confirmation: "ERASE"`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct ResizeRequest {
+    #[schema(minimum = 1)]
     pub cpu_cores: Option<i64>,
+    #[schema(minimum = 1)]
     pub ram_mb: Option<i64>,
+    #[schema(minimum = 1)]
     pub disk_gb: Option<i64>,
     pub confirm_data_loss: Option<bool>,
+    /// `"ERASE"` to confirm a shrinking disk.
     pub erase_confirmation: Option<String>,
     /// Restart a running VM now so new CPU and RAM apply at once (default: next boot).
     pub restart: Option<bool>,
 }
 
 /// The answer to an action that runs as a background task.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TaskAccepted {
     pub vps_id: Uuid,
     pub task_id: Uuid,
@@ -62,7 +112,7 @@ pub struct TaskAccepted {
 }
 
 /// Template ids are strings ("9010") but clients often send numbers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum TemplateId {
     Text(String),
@@ -117,7 +167,7 @@ impl VmSpec {
 }
 
 /// A VM's status as the platform names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum VmStatus {
     Deploying,
@@ -178,13 +228,15 @@ pub fn domain_name(id: Uuid) -> String {
 /// Name of the VM's public NIC inside the guest.
 pub const PRIMARY_ADAPTER: &str = "eth0";
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct VmSummary {
     pub id: Uuid,
     pub name: String,
     pub status: VmStatus,
+    #[schema(value_type = Option<String>, required = true, example = "203.0.113.10")]
     pub ip_address: Option<IpAddr>,
     pub is_suspended: bool,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
@@ -201,47 +253,52 @@ impl VmSummary {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Resources {
     pub cpu_cores: u32,
     pub ram_mb: u64,
     pub disk_gb: u64,
+    #[schema(required = true)]
     pub bandwidth_mbps: Option<u32>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct IpView {
+    #[schema(value_type = String, example = "203.0.113.10")]
     pub address: IpAddr,
     #[serde(rename = "type")]
+    #[schema(value_type = crate::api::openapi::IpKind)]
     pub kind: String,
     pub adapter: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct VncView {
     pub enabled: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct VmDetail {
     #[serde(flatten)]
     pub summary: VmSummary,
+    #[schema(format = DateTime)]
     pub updated_at: String,
     pub resources: Resources,
     pub template_id: String,
     pub ips: Vec<IpView>,
+    #[schema(value_type = Vec<crate::api::openapi::VmPrivateNetwork>)]
     pub private_networks: Vec<serde_json::Value>,
     pub vnc: VncView,
     pub mac: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct VmList {
     pub instances: Vec<VmSummary>,
     pub pagination: Pagination,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Pagination {
     pub total: usize,
     pub limit: usize,
@@ -257,27 +314,29 @@ pub struct ListQuery {
 }
 
 /// Answer to a lifecycle action.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ActionResult {
     pub id: Uuid,
     pub name: String,
     pub status: VmStatus,
+    #[schema(value_type = Option<String>, required = true, example = "203.0.113.10")]
     pub ip_address: Option<IpAddr>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CreateAccepted {
     pub vps_id: Uuid,
     pub task_id: Uuid,
     pub name: String,
     pub status: VmStatus,
+    #[schema(value_type = Option<String>, required = true, example = "203.0.113.10")]
     pub ip_address: Option<IpAddr>,
     pub deployment_url: String,
     pub estimated_time_seconds: u64,
     pub webhook_configured: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Deleted {
     pub deleted: bool,
     pub vps_id: Uuid,
@@ -298,33 +357,41 @@ pub const CREATE_STEPS: &[&str] = &[
     "finalize",
 ];
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct DeploymentStep {
     pub name: String,
+    #[schema(value_type = crate::api::openapi::DeploymentStatus)]
     pub status: &'static str,
+    /// 1-based.
     pub order: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AccessInfo {
+    #[schema(value_type = Option<String>, required = true, example = "203.0.113.10")]
     pub ip_address: Option<IpAddr>,
     pub ssh_port: u16,
     pub ssh_user: &'static str,
 }
 
 /// The platform's deployment document.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Deployment {
     pub vps_id: Uuid,
+    #[schema(value_type = crate::api::openapi::DeploymentStatus)]
     pub deployment_status: &'static str,
     pub vps_status: VmStatus,
+    #[schema(required = true)]
     pub current_task: Option<String>,
+    #[schema(maximum = 100)]
     pub progress_percent: u32,
     pub tasks: Vec<DeploymentStep>,
     pub tasks_completed: usize,
     pub tasks_total: usize,
+    #[schema(required = true, format = DateTime)]
     pub started_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub completed_at: Option<String>,
     pub is_ready: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -390,18 +457,24 @@ impl Deployment {
 }
 
 /// A task as `GET /v1/tasks` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TaskView {
     pub id: Uuid,
     pub kind: String,
     pub vps_id: Uuid,
     pub state: TaskState,
     pub steps: Vec<crate::store::StepRow>,
+    #[schema(maximum = 100)]
     pub progress_percent: u32,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(required = true, format = DateTime)]
     pub started_at: Option<String>,
+    #[schema(required = true, format = DateTime)]
     pub finished_at: Option<String>,
+    #[schema(required = true)]
     pub error: Option<String>,
+    #[schema(required = true)]
     pub error_code: Option<String>,
 }
 

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::create::{define, write_seed};
@@ -25,45 +26,58 @@ use crate::tasks::{BoxFuture, Operation, StepCtx};
 /// NIC indexes available to private networks (0 is the public NIC).
 const MAX_PRIVATE_NICS: u8 = 4;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct CreateNetworkRequest {
+    /// Absent: a new random UUID. Repeating a create with the same id and settings returns
+    /// the existing network.
+    #[schema(format = Uuid)]
     pub id: Option<String>,
+    #[schema(value_type = String, required = true, pattern = "^[A-Za-z0-9 ._-]{1,64}$",
+        example = "backend")]
     pub name: Option<String>,
+    /// Absent: the next free one of `network.private.vni_first..=vni_last`.
+    #[schema(minimum = 1, maximum = 16_777_215)]
     pub vni: Option<i64>,
+    /// A CIDR inside the node's private pool; absent: the next free one.
+    #[schema(example = "10.200.1.0/24")]
     pub subnet: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct AttachRequest {
+    #[schema(value_type = String, format = Uuid, required = true)]
     pub vps_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct MemberView {
     pub membership_id: Uuid,
     pub network_id: Uuid,
     pub vps_id: Uuid,
+    #[schema(value_type = String, example = "10.200.1.2")]
     pub address: IpAddr,
     pub mac: String,
     pub adapter: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct NetworkView {
     pub id: Uuid,
     pub name: String,
     pub vni: u32,
+    #[schema(example = "10.200.1.0/24")]
     pub subnet: String,
+    #[schema(format = DateTime)]
     pub created_at: String,
     pub members: Vec<MemberView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct NetworkList {
     pub networks: Vec<NetworkView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct SubnetStatus {
     pub pool: String,
     pub prefix_len: u8,
@@ -107,7 +121,8 @@ fn alloc_err(e: AllocError) -> VmError {
     }
 }
 
-fn network_name(name: &str) -> Result<(), ValidationError> {
+/// Private network names: 1-64 of `[A-Za-z0-9 ._-]`.
+pub fn network_name(name: &str) -> Result<(), ValidationError> {
     let ok = (1..=64).contains(&name.chars().count())
         && name
             .chars()

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::validate::{self, ValidationError};
@@ -39,17 +40,23 @@ pub(crate) const ROLLBACK_STEPS: &[&str] = &["prepare_vm", "revert_disk", "resto
 pub(crate) const DELETE_STEPS: &[&str] = &["delete_snapshot", "forget_snapshot"];
 
 /// `POST /v1/vms/{id}/snapshots`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct CreateSnapshotRequest {
+    #[schema(value_type = String, required = true, pattern = "^[A-Za-z0-9_]{1,40}$",
+        example = "before_upgrade")]
     pub name: Option<String>,
+    /// At most 500 characters, no control characters.
+    #[schema(max_length = 500)]
     pub description: Option<String>,
+    /// Save the guest's memory too (the VM must be running); default false.
     pub include_ram: Option<bool>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Snapshot {
     pub name: String,
     pub description: String,
+    #[schema(format = DateTime)]
     pub created_at: String,
     /// Holds the guest's memory: a rollback resumes the guest where it was.
     pub vmstate: bool,
@@ -66,25 +73,25 @@ impl From<SnapshotRow> for Snapshot {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct SnapshotList {
     pub vps_id: Uuid,
     pub snapshots: Vec<Snapshot>,
     pub limits: SnapshotLimits,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct SnapshotLimits {
     pub max_snapshots: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct SnapshotCreated {
     pub vps_id: Uuid,
     pub snapshot: Snapshot,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct SnapshotDone {
     pub vps_id: Uuid,
     pub name: String,
@@ -109,7 +116,8 @@ fn deployed(vm: &store::VmRow) -> Result<(), VmError> {
     }
 }
 
-fn description(d: Option<String>) -> Result<String, VmError> {
+/// A snapshot description as stored and listed: at most 500 characters, no control characters.
+pub fn description(d: Option<String>) -> Result<String, VmError> {
     let d = d.unwrap_or_default();
     if d.chars().count() > MAX_DESCRIPTION || d.chars().any(|c| c.is_control()) {
         return Err(ValidationError::InvalidField {
