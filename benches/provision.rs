@@ -200,7 +200,7 @@ async fn run() {
             pool: (200, 229),
             extra_toml: "[capacity]\ncpu_overcommit = 32.0\n".into(),
             env: vec![("HVNODE_TASKS__MAX_CONCURRENT".into(), "32".into())],
-            remove_leftovers: false,
+            ..Default::default()
         },
     );
     let script = Script {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::api::auth::{SocketPolicy, TokenSet};
 use crate::config::Config;
@@ -35,7 +36,9 @@ impl App {
     /// Opens the store and prepares the libvirt client (connected lazily). Must run inside
     /// a tokio runtime.
     pub fn open(config: Config, faults: FaultPoints) -> Result<App, StoreError> {
+        crate::store::check_not_lost(&config.storage.state_db, &config.storage.vm_dir)?;
         let store = Store::open(&config.storage.state_db)?;
+        store.claim_dir(&config.storage.vm_dir)?;
         let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::new(
             &config.libvirt.uri,
             config.libvirt.connections,
@@ -218,8 +221,10 @@ impl App {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
+    /// `degraded` while libvirt cannot be reached.
+    #[schema(value_type = crate::api::openapi::HealthStatus)]
     pub status: &'static str,
     pub service: &'static str,
     pub version: &'static str,
@@ -227,20 +232,20 @@ pub struct Health {
     pub uptime_seconds: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LibvirtHealth {
     pub connected: bool,
     pub uri: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct StorageFigures {
     pub path: String,
     #[serde(flatten)]
     pub usage: FsUsage,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AllocatedFigures {
     pub cpu_cores: u64,
     pub ram_mb: u64,
@@ -257,24 +262,32 @@ impl From<Allocation> for AllocatedFigures {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct NodeInfo {
     pub hostname: String,
     pub cpu: CpuFigures,
     pub memory: MemoryFigures,
     pub storage: StorageFigures,
+    /// Over 1, 5 and 15 minutes.
+    #[schema(min_items = 3, max_items = 3)]
     pub load_average: [f64; 3],
     pub kernel: String,
+    /// Null while libvirt cannot be reached.
+    #[schema(required = true)]
     pub libvirt_version: Option<String>,
+    /// Null while libvirt cannot be reached.
+    #[schema(required = true)]
     pub qemu_version: Option<String>,
+    #[schema(value_type = crate::api::openapi::Accelerator)]
     pub accelerator: &'static str,
     pub instances: crate::vm::InstanceCounts,
     pub allocated: AllocatedFigures,
     /// What startup found when it compared the store with libvirt.
+    #[schema(required = true)]
     pub reconciliation: Option<crate::vm::Reconciliation>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Templates {
     pub templates: Vec<crate::storage::Template>,
 }

@@ -151,13 +151,25 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
+/// The watchdog interval systemd asks for, read as libsystemd's `sd_watchdog_enabled`
+/// does: `WATCHDOG_USEC`, for this process unless `WATCHDOG_PID` names another.
+fn watchdog_interval(usec: Option<&str>, pid: Option<&str>) -> Option<Duration> {
+    let usec: u64 = usec?.trim().parse().ok().filter(|u| *u > 0)?;
+    if let Some(pid) = pid {
+        if pid.trim().parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    Some(Duration::from_micros(usec))
+}
+
 /// Pings systemd's watchdog at half its interval while the runtime is alive.
 fn start_watchdog() -> Option<tokio::task::JoinHandle<()>> {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return None;
-    }
-    let period = Duration::from_micros(usec / 2);
+    let interval = watchdog_interval(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+    )?;
+    let period = interval / 2;
     tracing::info!(?period, "systemd watchdog enabled");
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
@@ -202,4 +214,27 @@ pub fn init_tracing(level: &str, format: &str) {
             .try_init(),
     };
     let _ = result;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_interval_is_read_as_libsystemd_reads_it() {
+        let me = std::process::id().to_string();
+
+        assert_eq!(
+            watchdog_interval(Some("30000000"), None),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            watchdog_interval(Some("2000000"), Some(&me)),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(watchdog_interval(Some("2000000"), Some("1")), None);
+        assert_eq!(watchdog_interval(Some("0"), None), None);
+        assert_eq!(watchdog_interval(Some("soon"), None), None);
+        assert_eq!(watchdog_interval(None, Some(&me)), None);
+    }
 }

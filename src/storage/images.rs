@@ -23,13 +23,21 @@ struct Manifest {
     #[serde(default = "default_format")]
     format: String,
     sha256: String,
+    /// Whether the image runs qemu-guest-agent. Without it, a deployment does not wait for
+    /// the agent (readiness is the SSH port alone) and live changes apply at next boot.
+    #[serde(default = "default_guest_agent")]
+    guest_agent: bool,
+}
+
+fn default_guest_agent() -> bool {
+    true
 }
 
 fn default_format() -> String {
     "qcow2".into()
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Template {
     pub id: String,
     pub name: String,
@@ -44,6 +52,8 @@ pub struct Template {
     /// The size the guest sees; a VM disk must be at least this large.
     #[serde(skip)]
     pub virtual_size: u64,
+    /// Whether the image runs qemu-guest-agent (the manifest's `guest_agent`, default true).
+    pub guest_agent: bool,
 }
 
 #[derive(Clone)]
@@ -147,6 +157,7 @@ impl ImageStore {
             sha256: m.sha256.to_ascii_lowercase(),
             size_bytes: meta.len(),
             virtual_size,
+            guest_agent: m.guest_agent,
         })
     }
 

@@ -115,9 +115,15 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL,
         PRIMARY KEY (vps_id, name)
     );",
+    // 5: the store's identity, which the VM directory records too (see `Store::claim_dir`),
+    // so that a lost or replaced database is noticed instead of silently starting empty.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('store_id', lower(hex(randomblob(16))));",
 ];
 
-pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+/// Applies the migrations not yet applied; returns how many had been applied before (0: the
+/// database was new or empty).
+pub fn migrate(conn: &Connection) -> rusqlite::Result<usize> {
     let applied: usize =
         conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     if applied > MIGRATIONS.len() {
@@ -133,5 +139,5 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }
-    Ok(())
+    Ok(applied)
 }

@@ -387,7 +387,7 @@ fn deployment_webhook(
 }
 
 /// The domain XML of `vm` with the NICs of `net`.
-pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> String {
+pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> Result<String, VmError> {
     let lv = &ctx.config.libvirt;
     let dir = ctx.disks.dir(vm.id);
     let (disk, seed, nvram) = (
@@ -410,7 +410,9 @@ pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> String {
             (!lv.cpu_mode.is_empty()).then_some(lv.cpu_mode.as_str())
         }
     };
-    domain_xml::render(&domain_xml::DomainSpec {
+    // Validation keeps client text XML-safe already; a value XML cannot carry is refused
+    // here too rather than altered on its way to libvirt.
+    domain_xml::try_render(&domain_xml::DomainSpec {
         id: vm.id,
         name: &domain_name(vm.id),
         title: &vm.hostname,
@@ -427,13 +429,14 @@ pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> String {
         seed: &seed,
         nics: &nics,
     })
+    .map_err(|e| VmError::Internal(format!("domain XML: {e}")))
 }
 
 /// Defines (or redefines) the persistent domain of `vm` as the store describes it.
 pub(crate) async fn define(ctx: &Ctx, vm: &VmRow, op: Op) -> Result<(), VmError> {
     let net = net::load(ctx, vm).await?;
     ctx.hv
-        .define(domain_xml_for(ctx, vm, &net))
+        .define(domain_xml_for(ctx, vm, &net)?)
         .await
         .map_err(|e| VmError::hypervisor(op, e))
 }
@@ -505,7 +508,14 @@ impl Operation for CreateOp {
                 "start_vm" => self.start_vm(&vm).await,
                 "configure_network" => self.configure_network(&vm).await,
                 "wait_for_guest_agent" => {
-                    readiness::wait_for_guest_agent(&self.ctx, vm.id, ctx, Op::Deploy).await
+                    readiness::wait_for_guest_agent(
+                        &self.ctx,
+                        vm.id,
+                        &vm.template_id,
+                        ctx,
+                        Op::Deploy,
+                    )
+                    .await
                 }
                 "verify_connectivity" => {
                     readiness::verify_connectivity(&self.ctx, vm.ip_address, ctx, Op::Deploy).await

@@ -29,9 +29,19 @@ fn fail(op: Op, message: String) -> VmError {
 pub(crate) async fn wait_for_guest_agent(
     ctx: &Ctx,
     id: Uuid,
+    template_id: &str,
     step: &StepCtx,
     op: Op,
 ) -> Result<(), VmError> {
+    // A template whose manifest says it has no guest agent (a stock cloud image) is ready
+    // when its SSH port answers; waiting here would only time out.
+    if let Ok(t) = ctx.images.get(template_id).await {
+        if !t.guest_agent {
+            tracing::info!(vps = %id, template = template_id,
+                "template has no guest agent; not waiting for one");
+            return Ok(());
+        }
+    }
     let timeout = Duration::from_secs(ctx.config.tasks.guest_agent_timeout_s);
     let started = Instant::now();
     loop {

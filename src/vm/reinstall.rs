@@ -277,7 +277,9 @@ impl Operation for ReinstallOp {
                     }
                 }
                 "wait_for_guest_agent" => {
-                    readiness::wait_for_guest_agent(&self.ctx, self.id, ctx, Op::Deploy).await
+                    let template = self.next(&vm).template_id;
+                    readiness::wait_for_guest_agent(&self.ctx, self.id, &template, ctx, Op::Deploy)
+                        .await
                 }
                 "verify_connectivity" => {
                     readiness::verify_connectivity(&self.ctx, vm.ip_address, ctx, Op::Deploy).await

@@ -81,6 +81,12 @@ pub struct AgentOptions {
     pub env: Vec<(String, String)>,
     /// Extra TOML appended to the generated config.
     pub extra_toml: String,
+    /// Image store instead of the rig's (e.g. with extra manifests).
+    pub image_dir: Option<PathBuf>,
+    /// VM storage instead of `<agent dir>/vms` (e.g. a small filesystem).
+    pub vm_dir: Option<PathBuf>,
+    /// `[tasks]` keys replacing the harness's defaults (the whole table's body).
+    pub tasks_toml: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -90,6 +96,9 @@ impl Default for AgentOptions {
             remove_leftovers: false,
             env: Vec::new(),
             extra_toml: String::new(),
+            image_dir: None,
+            vm_dir: None,
+            tasks_toml: None,
         }
     }
 }
@@ -143,9 +152,7 @@ filter_table = "{filter_table}"
 remove_leftovers = {leftovers}
 
 [tasks]
-# Several guests boot at once under TCG on a small machine.
-guest_agent_timeout_s = 1500
-connectivity_timeout_s = 600
+{tasks}
 
 [network.pool]
 cidr = "{net}.0/{prefix}"
@@ -157,8 +164,16 @@ dns = ["{gw}"]
 {extra}
 "#,
             socket = socket.display(),
-            images = rig.image_dir.display(),
-            vms = dir.join("vms").display(),
+            images = opts.image_dir.as_ref().unwrap_or(&rig.image_dir).display(),
+            vms = opts
+                .vm_dir
+                .clone()
+                .unwrap_or_else(|| dir.join("vms"))
+                .display(),
+            tasks = opts.tasks_toml.as_deref().unwrap_or(
+                "# Several guests boot at once under TCG on a small machine.\n\
+                 guest_agent_timeout_s = 1500\nconnectivity_timeout_s = 600"
+            ),
             db = dir.join("hvnode.db").display(),
             netns = rig.netns,
             bridge = rig.bridge,
@@ -171,6 +186,7 @@ dns = ["{gw}"]
         );
         std::fs::write(&config_path, config).unwrap();
         set_mode(&config_path, 0o600);
+        record_secret(&rig, &token);
         let mut agent = Agent {
             rig,
             name: name.to_owned(),
@@ -194,6 +210,14 @@ dns = ["{gw}"]
     }
 
     fn spawn(&mut self) {
+        if let Err(why) = self.try_spawn() {
+            panic!("{why}");
+        }
+    }
+
+    /// Starts the process and waits until it listens; `Err` with its log when it exits
+    /// first (or never listens).
+    pub fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -210,21 +234,28 @@ dns = ["{gw}"]
             .spawn()
             .expect("spawn hvnode");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(self.url.trim_start_matches("http://")).is_ok() {
-                return;
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited early ({status}):\n{}", self.log_tail(40));
+                self.child = None;
+                return Err(format!(
+                    "agent exited early ({status}):\n{}",
+                    self.log_tail(40)
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("agent did not listen within 30 s:\n{}", self.log_tail(40));
+        Err(format!(
+            "agent did not listen within 30 s:\n{}",
+            self.log_tail(40)
+        ))
     }
 
     pub fn pid(&self) -> u32 {
@@ -292,6 +323,13 @@ dns = ["{gw}"]
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
+        if let Some(b) = &body {
+            for key in ["root_password", "webhook_secret"] {
+                if let Some(secret) = b[key].as_str() {
+                    record_secret(&self.rig, secret);
+                }
+            }
+        }
         let mut req = self
             .client
             .request(method, format!("{}{path}", self.url))
@@ -377,8 +415,36 @@ impl Drop for Agent {
                 self.log_tail(60)
             );
         } else {
+            // Kept for the suite's last check: no secret a test used reached any log.
+            let logs = self.rig.root.join("e2e-logs");
+            let _ = std::fs::create_dir_all(&logs);
+            let _ = std::fs::copy(
+                &self.log_path,
+                logs.join(format!(
+                    "{}-{}.log",
+                    self.name,
+                    self.dir.file_name().unwrap().to_string_lossy()
+                )),
+            );
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// Appends a secret a test handed to an agent (token, root password, webhook secret) to
+/// `<rig root>/e2e-secrets.txt`; `tests/run` finally greps every agent's and QEMU's log
+/// for each of them.
+pub fn record_secret(rig: &Rig, secret: &str) {
+    use std::io::Write;
+    if secret.len() < 6 {
+        return;
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(rig.root.join("e2e-secrets.txt"))
+    {
+        let _ = writeln!(f, "{secret}");
     }
 }
 

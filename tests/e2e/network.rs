@@ -25,6 +25,12 @@ impl Topology {
     fn build(rig: &Rig) -> Topology {
         let t = Topology { rig: rig.clone() };
         t.teardown();
+        // Every "does not reach" below is a ping that got no answer: a missing ping would
+        // pass them all.
+        assert!(
+            sh("command -v ping").0,
+            "ping is not installed on the host (tests/rig/up installs iputils-ping)"
+        );
         let ns = &rig.netns;
         for (what, ok) in [
             ("namespaces", sh("ip netns add hvpeer && ip netns add hvpeera && ip netns add hvpeerb && ip netns add hvobs").0),
@@ -231,8 +237,8 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
         AgentOptions {
             pool: (160, 169),
             remove_leftovers: true,
-            extra_toml: "".into(),
             env: private_env(),
+            ..Default::default()
         },
     );
     let a = create_vm(&agent, "net-a", Some(50)).await;
@@ -434,7 +440,8 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
                 ok,
                 "{label}: the second host's member of A reaches A over VXLAN"
             );
-            let (reached, _) = ns_sh("hvpeerb", &format!("ping -c 2 -W 2 {pa}"));
+            let (reached, out) = ns_sh("hvpeerb", &format!("ping -c 2 -W 2 {pa}"));
+            assert!(out.contains("packets transmitted"), "ping ran: {out}");
             assert!(
                 !reached,
                 "{label}: the second host's member of B does not reach A"
@@ -509,7 +516,34 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     );
 
     // --- detach, delete networks, delete VMs: nothing of theirs is left on the host.
-    for (net, m) in [(na, &ma), (na, &mb), (nb, &mc)] {
+    // C is deleted while still a member of B: its membership goes with it.
+    let (s, r) = agent.delete(&format!("/v1/vms/{c}")).await;
+    assert_eq!(s, 200, "{r}");
+    let (s, listed) = agent.get("/v1/private-networks").await;
+    assert_eq!(s, 200, "{listed}");
+    let networks = listed["data"]["networks"].as_array().unwrap();
+    let entry = |id: &str| {
+        networks
+            .iter()
+            .find(|n| n["id"].as_str() == Some(id))
+            .unwrap_or_else(|| panic!("network {id} listed: {listed}"))
+    };
+    let (a_members, b_members) = (
+        entry(na)["members"].as_array().unwrap().clone(),
+        entry(nb)["members"].as_array().unwrap().clone(),
+    );
+    assert_eq!(a_members.len(), 2, "{listed}");
+    assert!(
+        b_members.is_empty(),
+        "the deleted VM left network B: {listed}"
+    );
+    for m in &a_members {
+        for field in ["membership_id", "vps_id", "address", "mac"] {
+            assert!(m[field].is_string(), "member has {field}: {m}");
+        }
+    }
+    let _ = &mc;
+    for (net, m) in [(na, &ma), (na, &mb)] {
         let (s, r) = agent
             .delete(&format!(
                 "/v1/private-networks/{net}/members/{}",
@@ -526,7 +560,7 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
         let (s, r) = agent.delete(&format!("/v1/private-networks/{net}")).await;
         assert_eq!(s, 200, "{r}");
     }
-    for id in [&a, &b, &c] {
+    for id in [&a, &b] {
         let (s, _) = agent.delete(&format!("/v1/vms/{id}")).await;
         assert_eq!(s, 200);
     }
