@@ -56,10 +56,12 @@ pub enum ErrorCode {
     InsufficientStorage,
     /// Added: taking, reverting to or deleting a snapshot failed on the host (500).
     SnapshotFailed,
+    /// Added: a private network with the requested VNI or an overlapping subnet exists (409).
+    NetworkExists,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 43] = [
+    pub const ALL: [ErrorCode; 44] = [
         ErrorCode::NoApiKey,
         ErrorCode::InvalidApiKey,
         ErrorCode::VpsNotFound,
@@ -103,6 +105,7 @@ impl ErrorCode {
         ErrorCode::SnapshotLimit,
         ErrorCode::InsufficientStorage,
         ErrorCode::SnapshotFailed,
+        ErrorCode::NetworkExists,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -150,6 +153,7 @@ impl ErrorCode {
             ErrorCode::SnapshotLimit => "SNAPSHOT_LIMIT",
             ErrorCode::InsufficientStorage => "INSUFFICIENT_STORAGE",
             ErrorCode::SnapshotFailed => "SNAPSHOT_FAILED",
+            ErrorCode::NetworkExists => "NETWORK_EXISTS",
         }
     }
 

@@ -18,6 +18,7 @@ pub mod hypervisor;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod numbers;
 pub mod secret;
 pub mod storage;
 pub mod store;

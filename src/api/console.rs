@@ -35,6 +35,7 @@ pub struct ConsoleRequest {
     pub kind: Option<ConsoleKind>,
     /// How long the ticket stays valid; default `console.ticket_ttl_s`.
     #[schema(minimum = 1, maximum = 300)]
+    #[serde(default, deserialize_with = "crate::numbers::opt_u64")]
     pub ttl_seconds: Option<u64>,
 }
 

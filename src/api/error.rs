@@ -18,7 +18,7 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
         | RouteNotFound => StatusCode::NOT_FOUND,
         MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         VpsExists | TaskInProgress | InvalidState | InsufficientCapacity | IpPoolExhausted
-        | IpInUse | SnapshotExists | SnapshotLimit => StatusCode::CONFLICT,
+        | IpInUse | SnapshotExists | SnapshotLimit | NetworkExists => StatusCode::CONFLICT,
         MissingFields | InvalidJson | InvalidHostname | PasswordTooShort | PasswordTooLong
         | PasswordWeak | InvalidSshKey | InvalidTemplate | InvalidName | InvalidResources
         | ConfirmationRequired | PrimaryIp => StatusCode::BAD_REQUEST,
@@ -78,6 +78,7 @@ fn title(code: ErrorCode) -> &'static str {
         SnapshotLimit => "Snapshot limit reached",
         InsufficientStorage => "Insufficient storage",
         SnapshotFailed => "Snapshot failed",
+        NetworkExists => "Network exists",
     }
 }
 
@@ -218,6 +219,7 @@ mod tests {
             ("SNAPSHOT_LIMIT", 409),
             ("INSUFFICIENT_STORAGE", 507),
             ("SNAPSHOT_FAILED", 500),
+            ("NETWORK_EXISTS", 409),
         ];
 
         for (name, status) in expected {

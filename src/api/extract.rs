@@ -99,16 +99,20 @@ impl QueryMap {
             .filter(|v| !v.is_empty())
     }
 
-    /// A non-negative integer parameter.
+    /// A non-negative integer parameter (at most `i64::MAX`, as the OpenAPI document's
+    /// `int64` says).
     pub fn number(&self, key: &str) -> Result<Option<u64>, ApiError> {
         self.get(key)
             .map(|v| {
-                v.parse::<u64>().map_err(|_| {
-                    ApiError::new(
-                        ErrorCode::InvalidJson,
-                        format!("query parameter {key} must be a non-negative integer"),
-                    )
-                })
+                v.parse::<i64>()
+                    .ok()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            ErrorCode::InvalidJson,
+                            format!("query parameter {key} must be a non-negative integer"),
+                        )
+                    })
             })
             .transpose()
     }

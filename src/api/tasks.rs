@@ -16,8 +16,10 @@ use crate::vm::model::TaskView;
 /// Recent tasks, newest first.
 #[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
     params(
-        ("vps_id" = Option<uuid::Uuid>, Query, description = "Only this VPS's tasks"),
-        ("state" = Option<TaskState>, Query, description = "Only tasks in this state"),
+        ("vps_id" = Option<String>, Query, pattern = r"^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$",
+            description = "Only this VPS's tasks (a UUID; empty: all)"),
+        ("state" = Option<String>, Query, pattern = "^(|pending|running|completed|failed|cancelled)$",
+            description = "Only tasks in this state (empty: any)"),
         ("kind" = Option<String>, Query, description = "Only tasks of this kind (create, stop, …)"),
         ("limit" = Option<u64>, Query, minimum = 0, description = "Default 100; clamped to 1–1000"),
     ),

@@ -43,7 +43,8 @@ pub async fn vm_create(
 /// List VPSs.
 #[utoipa::path(get, path = "/v1/vms", tag = "vms",
     params(
-        ("status" = Option<VmStatus>, Query, description = "Only VPSs in this status"),
+        ("status" = Option<String>, Query, pattern = "^(|deploying|running|stopped|suspended|failed|unknown)$",
+            description = "Only VPSs in this status (empty: any, as in `?status=&limit=50`)"),
         ("limit" = Option<u64>, Query, minimum = 0, description = "Page size, default 50; clamped to 1–100"),
         ("offset" = Option<u64>, Query, minimum = 0, description = "Default 0"),
     ),

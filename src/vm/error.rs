@@ -86,6 +86,8 @@ pub enum VmError {
     NetworkFailed(String),
     #[error("{0}")]
     PoolExhausted(String),
+    #[error("{0}")]
+    NetworkExists(String),
     #[error("snapshot {0:?} not found")]
     SnapshotNotFound(String),
     #[error("the VPS already has a snapshot named {0:?}")]
@@ -121,6 +123,7 @@ impl VmError {
             VmError::NetworkNotFound(_) => ErrorCode::NetworkNotFound,
             VmError::NetworkFailed(_) => ErrorCode::NetworkFailed,
             VmError::PoolExhausted(_) => ErrorCode::IpPoolExhausted,
+            VmError::NetworkExists(_) => ErrorCode::NetworkExists,
             VmError::SnapshotNotFound(_) => ErrorCode::SnapshotNotFound,
             VmError::SnapshotExists(_) => ErrorCode::SnapshotExists,
             VmError::SnapshotLimit(_) => ErrorCode::SnapshotLimit,

@@ -38,12 +38,15 @@ pub struct CreateVmRequest {
     pub template_id: Option<TemplateId>,
     /// At least 1, at most the node's `capacity.max_cpu_cores`.
     #[schema(value_type = i64, required = true, minimum = 1, example = 2)]
+    #[serde(default, deserialize_with = "crate::numbers::opt_i64")]
     pub cpu_cores: Option<i64>,
     /// Between the node's `capacity.min_ram_mb` and `capacity.max_ram_mb`.
     #[schema(value_type = i64, required = true, minimum = 1, example = 2048)]
+    #[serde(default, deserialize_with = "crate::numbers::opt_i64")]
     pub ram_mb: Option<i64>,
     /// At least 1 and the template's size, at most the node's `capacity.max_disk_gb`.
     #[schema(value_type = i64, required = true, minimum = 1, example = 20)]
+    #[serde(default, deserialize_with = "crate::numbers::opt_i64")]
     pub disk_gb: Option<i64>,
     /// 8–72 characters with at least one letter and one digit (the pattern asks for an ASCII
     /// letter; the agent takes any).
@@ -54,11 +57,12 @@ pub struct CreateVmRequest {
     #[schema(max_items = 32)]
     pub ssh_keys: Option<Vec<String>>,
     #[schema(minimum = 1, maximum = 100_000)]
+    #[serde(default, deserialize_with = "crate::numbers::opt_i64")]
     pub bandwidth_mbps: Option<i64>,
     /// A free address of the node's pool; absent: the next free one.
     pub ip_address: Option<String>,
     /// Where `vps.deployment.completed` / `vps.deployment.failed` are POSTed.
-    #[schema(max_length = 2048, pattern = "^https?://")]
+    #[schema(max_length = 2048, pattern = "^https?://[!-\"$-.0->@-~][!-~]*$")]
     pub webhook_url: Option<String>,
     /// Key of the `X-Webhook-Signature` HMAC; at most 1024 bytes.
     #[schema(value_type = Option<String>, format = Password, write_only)]
@@ -87,10 +91,13 @@ pub struct ReinstallRequest {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct ResizeRequest {
     #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "crate::numbers::opt_i64")]
     pub cpu_cores: Option<i64>,
     #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "crate::numbers::opt_i64")]
     pub ram_mb: Option<i64>,
     #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "crate::numbers::opt_i64")]
     pub disk_gb: Option<i64>,
     pub confirm_data_loss: Option<bool>,
     /// `"ERASE"` to confirm a shrinking disk.
@@ -111,12 +118,35 @@ pub struct TaskAccepted {
     pub note: Option<String>,
 }
 
-/// Template ids are strings ("9010") but clients often send numbers.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+/// Template ids are strings ("9010") but clients often send numbers (`9010`, even
+/// `9010.0`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum TemplateId {
     Text(String),
     Number(u64),
+}
+
+impl<'de> Deserialize<'de> for TemplateId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TemplateId, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) => Ok(TemplateId::Text(s)),
+            serde_json::Value::Number(n) => n
+                .as_u64()
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && (0.0..9.007e15).contains(f))
+                        .map(|f| f as u64)
+                })
+                .map(TemplateId::Number)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!("template_id {n} is not a template id"))
+                }),
+            _ => Err(serde::de::Error::custom(
+                "template_id must be a string or a whole number",
+            )),
+        }
+    }
 }
 
 impl TemplateId {

@@ -37,9 +37,14 @@ pub struct CreateNetworkRequest {
     pub name: Option<String>,
     /// Absent: the next free one of `network.private.vni_first..=vni_last`.
     #[schema(minimum = 1, maximum = 16_777_215)]
+    #[serde(default, deserialize_with = "crate::numbers::opt_i64")]
     pub vni: Option<i64>,
-    /// A CIDR inside the node's private pool; absent: the next free one.
-    #[schema(example = "10.200.1.0/24")]
+    /// An IPv4 network address with its prefix (/16 to /29) not overlapping another
+    /// network's; absent: the next free one of the node's private pool.
+    #[schema(
+        example = "10.200.1.0/24",
+        pattern = "^[0-9]{1,3}(\\.[0-9]{1,3}){3}/[0-9]{1,2}$"
+    )]
     pub subnet: Option<String>,
 }
 
@@ -117,6 +122,7 @@ fn alloc_err(e: AllocError) -> VmError {
         AllocError::NoSubnet { .. } | AllocError::NoVni(..) | AllocError::Full(_) => {
             VmError::PoolExhausted(e.to_string())
         }
+        AllocError::Overlap(_) | AllocError::VniInUse(_) => VmError::NetworkExists(e.to_string()),
         other => VmError::Invalid(ValidationError::InvalidResources(other.to_string())),
     }
 }

@@ -301,8 +301,11 @@ fn webhook_url(u: &str) -> Result<String, ValidationError> {
         .or_else(|| u.strip_prefix("http://"))
         .ok_or_else(|| invalid("must be an http:// or https:// URL"))?;
     let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if host.is_empty() || u.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(invalid("must be an absolute URL without spaces"));
+    // URLs are ASCII (an international host name goes in as punycode).
+    if host.is_empty() || !u.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "must be an absolute URL with a host, of printable ASCII without spaces",
+        ));
     }
     Ok(u.to_owned())
 }
