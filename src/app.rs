@@ -43,7 +43,11 @@ impl App {
             &config.libvirt.uri,
             config.libvirt.connections,
         ));
-        Ok(App::with_parts(config, store, hv, faults))
+        // The sampler's own connections: libvirtd serves a few calls per connection at a
+        // time, and a sweep must not queue behind a burst of API requests (nor they
+        // behind it).
+        let sampler_hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::new(&config.libvirt.uri, 2));
+        Ok(App::assemble(config, store, hv, sampler_hv, faults))
     }
 
     pub fn with_parts(
@@ -52,12 +56,22 @@ impl App {
         hv: Arc<dyn Hypervisor>,
         faults: FaultPoints,
     ) -> App {
+        App::assemble(config, store, hv.clone(), hv, faults)
+    }
+
+    fn assemble(
+        config: Config,
+        store: Store,
+        hv: Arc<dyn Hypervisor>,
+        sampler_hv: Arc<dyn Hypervisor>,
+        faults: FaultPoints,
+    ) -> App {
         let config = Arc::new(config);
         let engine = TaskEngine::new(store.clone(), config.tasks.max_concurrent, faults);
         let host = HostFacts::measure(&config.storage.vm_dir);
         let outbox = Outbox::default();
         let sampler = Sampler::new(
-            hv.clone(),
+            sampler_hv,
             Some(store.clone()),
             std::time::Duration::from_millis(config.metrics.interval_ms),
             std::time::Duration::from_millis(config.metrics.qmp_timeout_ms),
@@ -140,13 +154,15 @@ impl App {
         id: uuid::Uuid,
         max_age: std::time::Duration,
     ) -> Result<crate::metrics::StatusDoc, VmError> {
+        let asked = Instant::now();
         let (vm, status) = self.vms.row_with_status(id).await?;
         let mut sample = self
             .sampler
             .fresh_within(id, max_age.min(self.sampler.interval()))
             .await;
         // A power action since that sample (suspend, resume, stop): libvirt already says
-        // so, the sample does not yet. Sample again rather than answer stale.
+        // so, the sample does not yet. Take a sample from a sweep begun after this request
+        // (one such sweep serves every request waiting for it) rather than answer stale.
         let paused = |s: &crate::metrics::Sample| s.stats.state == PowerState::Paused;
         let stale = match (&sample, status) {
             (Some(s), VmStatus::Suspended) => !paused(s),
@@ -156,10 +172,7 @@ impl App {
             _ => false,
         };
         if stale {
-            sample = self
-                .sampler
-                .fresh_within(id, std::time::Duration::ZERO)
-                .await;
+            sample = self.sampler.fresh_since(id, asked).await;
         }
         Ok(crate::metrics::status::document(
             &vm,

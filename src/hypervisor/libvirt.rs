@@ -5,6 +5,7 @@
 //! queue concurrent creates behind each other. A small pool of connections, used in turn,
 //! lets them proceed side by side.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -355,6 +356,16 @@ impl Hypervisor for Libvirt {
             unsafe { stats::collect(c.as_ptr()) }.map_err(|()| VirtError::last_error())
         })
         .await
+    }
+
+    async fn power_states(&self) -> Result<HashMap<Uuid, PowerState>> {
+        let all = self
+            .with_conn("domain states", |c| {
+                // SAFETY: c is an open connection for the duration of the call.
+                unsafe { stats::states(c.as_ptr()) }.map_err(|()| VirtError::last_error())
+            })
+            .await?;
+        Ok(all.into_iter().map(|s| (s.id, s.state)).collect())
     }
 
     async fn qmp_status(&self, id: Uuid) -> Result<String> {

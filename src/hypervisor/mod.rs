@@ -123,6 +123,15 @@ pub trait Hypervisor: Send + Sync {
         timeout_s: i32,
     ) -> Result<serde_json::Value>;
     async fn list_domains(&self) -> Result<Vec<DomainSummary>>;
+    /// Every defined domain's power state, in one round trip.
+    async fn power_states(&self) -> Result<std::collections::HashMap<Uuid, PowerState>> {
+        Ok(self
+            .list_domains()
+            .await?
+            .into_iter()
+            .map(|d| (d.id, d.state))
+            .collect())
+    }
     /// The domain's current live XML.
     async fn domain_xml(&self, id: Uuid) -> Result<String>;
     /// Hot-plugs a device (`<interface>`…) into the running domain only; the persistent

@@ -115,14 +115,36 @@ fn state(v: u64) -> PowerState {
     }
 }
 
-/// One bulk call on `conn`. Records of domains whose UUID cannot be read are skipped.
+/// One bulk call on `conn` for the sampler (`GROUPS` of running domains). Records of
+/// domains whose UUID cannot be read are skipped.
 ///
 /// # Safety
 /// `conn` must be a valid, open libvirt connection.
 pub unsafe fn collect(conn: sys::virConnectPtr) -> Result<Vec<DomainStats>, ()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { collect_with(conn, GROUPS, FLAGS) }
+}
+
+/// The power state of every domain, running or not, in one call: what a listing of all
+/// VMs needs, without a round trip to libvirtd per domain.
+///
+/// # Safety
+/// `conn` must be a valid, open libvirt connection.
+pub unsafe fn states(conn: sys::virConnectPtr) -> Result<Vec<DomainStats>, ()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { collect_with(conn, sys::VIR_DOMAIN_STATS_STATE, 0) }
+}
+
+/// # Safety
+/// `conn` must be a valid, open libvirt connection.
+unsafe fn collect_with(
+    conn: sys::virConnectPtr,
+    groups: u32,
+    flags: u32,
+) -> Result<Vec<DomainStats>, ()> {
     let mut records: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
     // SAFETY: conn is valid (caller); records receives a list libvirt allocates.
-    let n = unsafe { sys::virConnectGetAllDomainStats(conn, GROUPS, &mut records, FLAGS) };
+    let n = unsafe { sys::virConnectGetAllDomainStats(conn, groups, &mut records, flags) };
     if n < 0 {
         return Err(());
     }

@@ -59,7 +59,10 @@ pub struct SweepFigures {
 #[derive(Default)]
 struct Latest {
     samples: HashMap<Uuid, Sample>,
+    /// When the latest sweep's libvirt call returned.
     at: Option<Instant>,
+    /// When the latest sweep began: everything libvirt knew by then is in it.
+    began: Option<Instant>,
 }
 
 struct Inner {
@@ -152,6 +155,20 @@ impl Sampler {
         self.read(|l| l.samples.get(&id).cloned())
     }
 
+    /// The sample of `id` from a sweep that began at `since` or later: what libvirt
+    /// reported after something changed at `since`. Waiting callers share sweeps: a
+    /// burst of them costs at most the sweep in progress and one more.
+    pub async fn fresh_since(&self, id: Uuid, since: Instant) -> Option<Sample> {
+        let covered = |me: &Sampler| me.read(|l| l.began.is_some_and(|b| b >= since));
+        if !covered(self) {
+            let _one = self.inner.sweeping.lock().await;
+            if !covered(self) {
+                self.sweep().await;
+            }
+        }
+        self.read(|l| l.samples.get(&id).cloned())
+    }
+
     fn read<T>(&self, f: impl FnOnce(&Latest) -> T) -> T {
         f(&self.inner.latest.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -175,6 +192,7 @@ impl Sampler {
     /// One sweep; returns how many domains it saw.
     pub async fn sweep(&self) -> usize {
         let wall = Instant::now();
+        let began = wall;
         let cpu = process_cpu_time();
         let owned = match &self.inner.store {
             Some(store) => match store.call(|c| crate::store::vms::ids(c)).await {
@@ -240,8 +258,16 @@ impl Sampler {
                 );
             }
             latest.at = Some(now);
+            latest.began = Some(began);
         }
         let cpu_used = process_cpu_time().saturating_sub(cpu);
+        if wall.elapsed() > self.inner.interval {
+            tracing::debug!(
+                wall_ms = wall.elapsed().as_millis() as u64,
+                domains = n,
+                "metrics sweep took longer than its interval"
+            );
+        }
         self.update_figures(|f| {
             f.sweeps += 1;
             f.last_wall = wall.elapsed();

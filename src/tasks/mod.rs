@@ -376,6 +376,15 @@ impl TaskEngine {
         self.store.call(|c| store::tasks::unfinished(c)).await
     }
 
+    /// Marks an interrupted task whose remaining steps the startup reconciliation did as
+    /// completed.
+    pub async fn complete_recovered(&self, task: Uuid) -> store::Result<()> {
+        let now = crate::time::now();
+        self.store
+            .call(move |c| store::tasks::set_state(c, task, TaskState::Completed, None, &now))
+            .await
+    }
+
     /// Marks a task that cannot be resumed as failed.
     pub async fn abandon(&self, task: Uuid, code: &str, message: &str) -> store::Result<()> {
         let (code, message, now) = (code.to_owned(), message.to_owned(), crate::time::now());

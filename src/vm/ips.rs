@@ -371,7 +371,50 @@ struct IpOp {
 }
 
 /// The operation behind an `Arc`, so the caller can read what it recorded.
-struct SharedIpOp(Arc<IpOp>);
+pub(crate) struct SharedIpOp(Arc<IpOp>);
+
+/// An address task interrupted by an agent restart, rebuilt from its journal: `ip_add`
+/// and `ip_remove` carry `{address}`, `ip_move` also `{target_vps_id}` (whose claim the
+/// caller took for the same task). Every step can be repeated, so the task continues (an
+/// add that had failed finishes its unwinding).
+pub(crate) fn resumed(
+    ctx: Arc<Ctx>,
+    task: &store::TaskRow,
+    target_claim: Option<Claim>,
+) -> Result<SharedIpOp, String> {
+    let address: IpAddr = task.input["address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .ok_or("no address in the task's input")?;
+    let (kind, target) = match task.kind.as_str() {
+        "ip_add" => (IpOpKind::Add, None),
+        "ip_remove" => (IpOpKind::Remove, None),
+        "ip_move" => {
+            let target = task.input["target_vps_id"]
+                .as_str()
+                .and_then(|t| Uuid::parse_str(t).ok())
+                .ok_or("no target_vps_id in the move's input")?;
+            (IpOpKind::Move, Some(target))
+        }
+        other => return Err(format!("{other} is not an address task")),
+    };
+    Ok(SharedIpOp(Arc::new(IpOp {
+        ctx,
+        vm: task.vps_id,
+        target,
+        address,
+        kind,
+        live: Default::default(),
+        _target_claim: target_claim,
+    })))
+}
+
+/// The other VM an interrupted move holds.
+pub(crate) fn move_target(task: &store::TaskRow) -> Option<Uuid> {
+    (task.kind == "ip_move")
+        .then(|| task.input["target_vps_id"].as_str()?.parse().ok())
+        .flatten()
+}
 
 fn prefix(ctx: &Ctx, a: IpAddr) -> u8 {
     match a {

@@ -425,10 +425,39 @@ const DETACH_STEPS: &[&str] = &[
     "update_filter",
 ];
 
-struct NicOp {
+pub(crate) struct NicOp {
     ctx: Arc<Ctx>,
     member: MemberRow,
     attach: bool,
+}
+
+/// A private-network task interrupted by an agent restart, rebuilt from its journal
+/// (`{membership_id}`). `Ok(None)`: a detach that had already released the membership,
+/// whose remaining step (the filters) the startup reconciliation does from the store.
+pub(crate) async fn resumed(ctx: Arc<Ctx>, task: &store::TaskRow) -> Result<Option<NicOp>, String> {
+    let member_id: Uuid = task.input["membership_id"]
+        .as_str()
+        .and_then(|m| m.parse().ok())
+        .ok_or("no membership_id in the task's input")?;
+    let attach = match task.kind.as_str() {
+        "net_attach" => true,
+        "net_detach" => false,
+        other => return Err(format!("{other} is not a private-network task")),
+    };
+    let member = ctx
+        .store
+        .call(move |c| store::networks::member(c, member_id))
+        .await
+        .map_err(|e| e.to_string())?;
+    match member {
+        Some(member) => Ok(Some(NicOp {
+            ctx,
+            member,
+            attach,
+        })),
+        None if !attach => Ok(None),
+        None => Err(format!("membership {member_id} of the attach is gone")),
+    }
 }
 
 impl NicOp {

@@ -31,11 +31,11 @@ impl VmManager {
         VmStatus::derive(vm.state, power)
     }
 
-    /// Every VM with its status, from one libvirt listing.
+    /// Every VM with its status, from one libvirt call for all domains.
     async fn all_with_status(&self) -> Result<Vec<(VmRow, VmStatus)>, VmError> {
         let vms = self.ctx.store.call(|c| store::vms::list(c)).await?;
-        let power: HashMap<Uuid, PowerState> = match self.ctx.hv.list_domains().await {
-            Ok(domains) => domains.into_iter().map(|d| (d.id, d.state)).collect(),
+        let power: HashMap<Uuid, PowerState> = match self.ctx.hv.power_states().await {
+            Ok(states) => states,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list domains; statuses unknown");
                 HashMap::new()

@@ -14,7 +14,8 @@ use crate::store;
 /// What startup found when it compared the store with libvirt.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Reconciliation {
-    /// Tasks resumed (create, delete).
+    /// Tasks resumed (create, delete, reinstall, resize, snapshots, addresses, private
+    /// networks).
     pub resumed: Vec<Uuid>,
     /// Tasks marked failed because they cannot be resumed safely (power actions).
     pub abandoned: Vec<Uuid>,
@@ -43,6 +44,11 @@ impl VmManager {
                 "snapshot_create" => "snapshot_create",
                 "snapshot_rollback" => "snapshot_rollback",
                 "snapshot_delete" => "snapshot_delete",
+                "ip_add" => "ip_add",
+                "ip_remove" => "ip_remove",
+                "ip_move" => "ip_move",
+                "net_attach" => "net_attach",
+                "net_detach" => "net_detach",
                 _ => "other",
             };
             let claim = match self.ctx.engine.claim(task.vps_id, task.id, kind) {
@@ -150,6 +156,56 @@ impl VmManager {
                             report.resumed.retain(|t| *t != task.id);
                             self.abandon_unreadable(&task, &e.to_string(), &mut report)
                                 .await?;
+                        }
+                    }
+                }
+                "ip_add" | "ip_remove" | "ip_move" => {
+                    // A move holds its target too, under the same task.
+                    let target_claim = match super::ips::move_target(&task) {
+                        Some(t) => match self.ctx.engine.claim(t, task.id, kind) {
+                            Ok(c) => Some(c),
+                            Err(_) => {
+                                drop(claim);
+                                self.abandon_unreadable(&task, "its target is busy", &mut report)
+                                    .await?;
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
+                    match super::ips::resumed(ctx.clone(), &task, target_claim) {
+                        Ok(op) => {
+                            tracing::info!(task = %task.id, vps = %task.vps_id, kind, "resuming");
+                            report.resumed.push(task.id);
+                            tokio::spawn(async move {
+                                let _ = ctx.engine.run(claim, kind, op).await;
+                            });
+                        }
+                        Err(why) => {
+                            drop(claim);
+                            self.abandon_unreadable(&task, &why, &mut report).await?;
+                        }
+                    }
+                }
+                "net_attach" | "net_detach" => {
+                    match super::private_nets::resumed(ctx.clone(), &task).await {
+                        Ok(Some(op)) => {
+                            tracing::info!(task = %task.id, vps = %task.vps_id, kind, "resuming");
+                            report.resumed.push(task.id);
+                            tokio::spawn(async move {
+                                let _ = ctx.engine.run(claim, kind, op).await;
+                            });
+                        }
+                        Ok(None) => {
+                            // Only the filters were left; the network reconciliation below
+                            // rebuilds them from the store.
+                            drop(claim);
+                            self.ctx.engine.complete_recovered(task.id).await?;
+                            report.resumed.push(task.id);
+                        }
+                        Err(why) => {
+                            drop(claim);
+                            self.abandon_unreadable(&task, &why, &mut report).await?;
                         }
                     }
                 }

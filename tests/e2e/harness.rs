@@ -223,7 +223,7 @@ dns = ["{gw}"]
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_hvnode"))
+        let child = Command::new(agent_binary())
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -429,6 +429,14 @@ impl Drop for Agent {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The agent binary under test: `HVNODE_AGENT_BIN` (e.g. a release build, for the load
+/// figures), else the one cargo built with the tests.
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("HVNODE_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hvnode")))
 }
 
 /// Appends a secret a test handed to an agent (token, root password, webhook secret) to

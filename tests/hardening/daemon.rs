@@ -82,7 +82,7 @@ async fn systemd_hears_ready_watchdog_and_stopping_and_the_admin_socket_is_guard
     );
     let (ok, out) = sh(&format!(
         "{} ctl --socket {sock} vms",
-        env!("CARGO_BIN_EXE_hvnode")
+        agent_binary().display()
     ));
     assert!(ok, "hvnode ctl vms: {out}");
     let as_nobody = format!(
