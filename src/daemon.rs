@@ -32,6 +32,19 @@ pub enum DaemonError {
     Vm(#[from] crate::vm::VmError),
 }
 
+impl DaemonError {
+    /// The process's exit status: 3 when the store was refused (lost, emptied, corrupted,
+    /// another store's), which restarting cannot fix (`RestartPreventExitStatus=3` in the
+    /// unit); 1 for anything else.
+    pub fn exit_status(&self) -> u8 {
+        use crate::store::StoreError::*;
+        match self {
+            DaemonError::Store(Lost { .. } | Mismatch { .. } | Corrupt { .. }) => 3,
+            _ => 1,
+        }
+    }
+}
+
 /// How long in-flight requests may take to finish after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(5);
 

@@ -116,7 +116,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(e.exit_status())
                 }
             }
         }

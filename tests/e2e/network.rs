@@ -249,6 +249,17 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
         assert_eq!(doc["deployment_status"], json!("completed"), "{doc}");
     }
     let ns = rig.netns.clone();
+    // A's plan limit is on its tap from its first boot, both ways (this agent owns the
+    // namespace's IFBs: other tests' agents create none).
+    let tap_a = hvnode::network::tap_name(a.parse().unwrap(), 0);
+    let (_, qdisc) = ns_sh(
+        &ns,
+        &format!("tc qdisc show dev {tap_a}; tc filter show dev {tap_a} ingress"),
+    );
+    assert!(
+        qdisc.contains("tbf") && qdisc.contains("mirred"),
+        "no shaping on {tap_a} after deployment: {qdisc}"
+    );
     let (ip_a, ip_b) = (primary(&agent, &a).await, primary(&agent, &b).await);
     assert!(tcp_open(&ns, &ip_a, 22), "A answers on its primary address");
 

@@ -351,6 +351,10 @@ async fn a_lost_or_corrupted_store_stops_the_agent_with_a_clear_message() {
     }
     let refused = agent.try_spawn().expect_err("starts without its store");
     assert!(refused.contains("Restore"), "{refused}");
+    assert!(
+        refused.contains("exit status: 3"),
+        "refusals exit with 3: {refused}"
+    );
     assert!(refused.contains("forget"), "{refused}");
     assert!(
         !db_files(&agent)[0].exists(),

@@ -12,3 +12,4 @@ mod api_fuzz;
 mod daemon;
 mod faults;
 mod load;
+mod vlan;
