@@ -416,6 +416,24 @@ async fn list_pagination_is_clamped_and_validated() {
 }
 
 #[tokio::test]
+async fn repeated_query_parameters_are_refused() {
+    let h = harness();
+
+    let (status, body) = send(
+        &h,
+        request(
+            Method::GET,
+            "/v1/tasks?limit=true&limit=",
+            Some(TOKEN),
+            Body::empty(),
+        ),
+    )
+    .await;
+
+    assert_error(status, &body, 400, "INVALID_JSON");
+}
+
+#[tokio::test]
 async fn socket_peers_are_checked_by_uid_not_token() {
     let h = harness();
     let as_peer = |uid: u32| {

@@ -83,11 +83,20 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or_default();
-        serde_urlencoded::from_str(query)
-            .map(QueryMap)
-            .map_err(|e| {
-                ApiError::new(ErrorCode::InvalidJson, format!("invalid query string: {e}"))
-            })
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|e| {
+            ApiError::new(ErrorCode::InvalidJson, format!("invalid query string: {e}"))
+        })?;
+        let mut map = HashMap::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            // `?limit=5&limit=` has no one meaning: refused rather than guessed.
+            if map.insert(k.clone(), v).is_some() {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidJson,
+                    format!("query parameter {k} is given more than once"),
+                ));
+            }
+        }
+        Ok(QueryMap(map))
     }
 }
 

@@ -20,6 +20,8 @@ pub struct Rig {
     pub netns: String,
     pub bridge: String,
     pub gateway: String,
+    /// The bridge's IPv6 address (the gateway of a /64 IPv6 pool).
+    pub gateway6: String,
     pub prefix: u8,
     pub root: PathBuf,
     pub image_dir: PathBuf,
@@ -41,6 +43,7 @@ impl Rig {
             netns: get("HVNODE_RIG_NETNS"),
             bridge: get("HVNODE_RIG_BRIDGE"),
             gateway: get("HVNODE_RIG_GATEWAY"),
+            gateway6: get("HVNODE_RIG_GATEWAY6"),
             prefix: get("HVNODE_RIG_PREFIX").parse().unwrap(),
             root: get("HVNODE_RIG_ROOT").into(),
             image_dir: get("HVNODE_RIG_IMAGE_DIR").into(),

@@ -15,6 +15,12 @@ async fn two_vms_deploy_boot_with_cloud_init_stop_start_and_delete_cleanly() {
         "lifecycle",
         AgentOptions {
             pool: (100, 109),
+            // Every VM also gets a primary IPv6 address from this pool.
+            extra_toml: format!(
+                "[network.pool6]\ncidr = \"fd70::/64\"\ngateway = \"{gw6}\"\n\
+                 first = \"fd70::100\"\nlast = \"fd70::1ff\"\ndns = [\"{gw6}\"]\n",
+                gw6 = Rig::load().gateway6
+            ),
             ..Default::default()
         },
     );
@@ -129,6 +135,26 @@ async fn two_vms_deploy_boot_with_cloud_init_stop_start_and_delete_cleanly() {
         addr.contains(&format!("{ip_a}/")),
         "static address configured: {addr}"
     );
+    // The primary IPv6 address, from the IPv6 pool: in the guest, and answering.
+    let (_, detail) = agent.get(&format!("/v1/vms/{a}")).await;
+    let ip6 = detail["data"]["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == json!("primary"))
+        .filter_map(|i| i["address"].as_str())
+        .find(|a| a.contains(':'))
+        .unwrap_or_else(|| panic!("a primary IPv6 address: {detail}"))
+        .to_owned();
+    assert!(ip6.starts_with("fd70::"), "{ip6}");
+    let (_, addr6) = guest_sh(&a, "ip -6 -o addr show dev eth0");
+    assert!(addr6.contains(&format!("{ip6}/64")), "IPv6 configured: {addr6}");
+    let ns = agent.rig.netns.clone();
+    let reached = eventually(Duration::from_secs(60), || {
+        ns_sh(&ns, &format!("ping -6 -c 1 -W 2 {ip6}")).0
+    })
+    .await;
+    assert!(reached, "the guest answers on {ip6}");
     let (_, root_size) = guest_sh(&a, "df -B1G --output=size / | tail -n1");
     assert!(
         root_size.trim().parse::<u64>().unwrap() >= 3,

@@ -30,8 +30,21 @@ fn image_snapshots(agent: &Agent, id: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Prints a timing and appends it to `<rig root>/e2e-logs/snapshot-timings.txt`, which
+/// `tests/run` shows at the end.
 fn timing(all: &mut Vec<(&'static str, Duration)>, t: (&'static str, Duration)) {
-    eprintln!("snapshot timing: {}: {} ms", t.0, t.1.as_millis());
+    use std::io::Write;
+    let line = format!("snapshot timing (512 MiB guest): {}: {} ms", t.0, t.1.as_millis());
+    eprintln!("{line}");
+    let logs = Rig::load().root.join("e2e-logs");
+    let _ = std::fs::create_dir_all(&logs);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join("snapshot-timings.txt"))
+    {
+        let _ = writeln!(f, "{line}");
+    }
     all.push(t);
 }
 

@@ -5,8 +5,8 @@
 //! document promises, that what the document forbids is refused, and that requests
 //! without the token are refused.
 //!
-//! The agent under fuzz takes no VMs (`capacity.max_vms = 0`): a generated create passes
-//! validation and is then refused for capacity, so the fuzzer exercises every check
+//! The agent under fuzz takes no VMs (`capacity.cpu_overcommit = 0`): a generated create
+//! passes validation and is then refused for capacity, so the fuzzer exercises every check
 //! without booting guests.
 
 use std::process::Command;
@@ -24,7 +24,8 @@ async fn schemathesis_finds_no_server_error_and_no_response_outside_the_document
         "api-fuzz",
         AgentOptions {
             pool: (194, 199),
-            extra_toml: "[capacity]\nmax_vms = 0\n".into(),
+            // No vCPU to give: every create that passes validation is refused for capacity.
+            extra_toml: "[capacity]\ncpu_overcommit = 0.0\n".into(),
             ..Default::default()
         },
     );
@@ -79,5 +80,9 @@ async fn schemathesis_finds_no_server_error_and_no_response_outside_the_document
     assert!(
         !agent.log().contains("panicked"),
         "no handler panicked under fuzzing"
+    );
+    assert!(
+        !agent.log().contains("create admitted"),
+        "no VM was created: the fuzzer's creates are refused for capacity"
     );
 }
