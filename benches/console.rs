@@ -100,6 +100,10 @@ async fn source() -> SocketAddr {
                             return;
                         }
                     }
+                    // Stay open until the client goes: websockify drops what it still
+                    // buffers when its target closes, and a VNC server does not hang up
+                    // after a framebuffer update either.
+                    let _ = s.read(&mut mode).await;
                 } else {
                     let mut buf = vec![0u8; 64 * 1024];
                     while let Ok(n) = s.read(&mut buf).await {
@@ -180,7 +184,7 @@ async fn open(proxy: SocketAddr) -> Ws {
 }
 
 /// MiB/s of one bulk stream through `proxy`.
-async fn bulk(proxy: SocketAddr) -> f64 {
+async fn bulk(who: &str, proxy: SocketAddr) -> f64 {
     let mut ws = open(proxy).await;
     ws.send(Message::Binary(b"B".to_vec().into()))
         .await
@@ -192,7 +196,7 @@ async fn bulk(proxy: SocketAddr) -> f64 {
         match ws.next().await {
             Some(Ok(Message::Binary(b))) => got += b.len(),
             Some(Ok(_)) => {}
-            other => panic!("bulk stream ended after {got} bytes: {other:?}"),
+            other => panic!("{who}: bulk stream ended after {got} bytes: {other:?}"),
         }
     }
     BULK_MIB as f64 / start.elapsed().as_secs_f64()
@@ -258,17 +262,17 @@ async fn run() {
     let (ours_pid, theirs_pid) = (ours_child.0.id(), theirs_child.0.id());
 
     // Warm both up, then interleave so both see the same machine.
-    bulk(ours).await;
-    bulk(theirs).await;
+    bulk("hvnode", ours).await;
+    bulk("websockify", theirs).await;
     let (mut a, mut b) = (Vec::new(), Vec::new());
     let (mut cpu_a, mut cpu_b) = (0.0, 0.0);
     for _ in 0..STREAMS {
         let c = cpu_seconds(ours_pid);
-        a.push(bulk(ours).await);
+        a.push(bulk("hvnode", ours).await);
         tokio::time::sleep(Duration::from_millis(300)).await;
         cpu_a += cpu_seconds(ours_pid) - c;
         let c = cpu_seconds(theirs_pid);
-        b.push(bulk(theirs).await);
+        b.push(bulk("websockify", theirs).await);
         // Let websockify reap the connection's process so its CPU time counts.
         tokio::time::sleep(Duration::from_millis(300)).await;
         cpu_b += cpu_seconds(theirs_pid) - c;

@@ -21,11 +21,45 @@ use super::{
     Result, Versions, METADATA_NS,
 };
 
-type Slot = Arc<Mutex<Option<Connect>>>;
+/// One pooled connection and the domain handles looked up on it.
+#[derive(Default)]
+struct Slot {
+    conn: Mutex<Option<Connect>>,
+    /// Handles by UUID, so that a call on a domain seen before costs no lookup round trip
+    /// (the QEMU driver finds a domain by its UUID, so a handle stays good across restarts
+    /// and redefinitions). Cleared with the connection; a handle whose domain is gone is
+    /// dropped on the `NoDomain` it meets.
+    domains: Mutex<HashMap<Uuid, Domain>>,
+}
+
+/// Handles kept per connection at most; beyond, the cache starts over.
+const MAX_CACHED_DOMAINS: usize = 4096;
+
+impl Slot {
+    fn domain(&self, conn: &Connect, id: Uuid) -> std::result::Result<Domain, VirtError> {
+        if let Some(d) = self.domains.lock().ok().and_then(|m| m.get(&id).cloned()) {
+            return Ok(d);
+        }
+        let d = conn.lookup_domain_by_uuid_string(&id.to_string())?;
+        if let Ok(mut m) = self.domains.lock() {
+            if m.len() >= MAX_CACHED_DOMAINS {
+                m.clear();
+            }
+            m.insert(id, d.clone());
+        }
+        Ok(d)
+    }
+
+    fn forget(&self, id: Uuid) {
+        if let Ok(mut m) = self.domains.lock() {
+            m.remove(&id);
+        }
+    }
+}
 
 pub struct Libvirt {
     uri: String,
-    slots: Vec<Slot>,
+    slots: Vec<Arc<Slot>>,
     next: AtomicUsize,
 }
 
@@ -36,7 +70,7 @@ impl Libvirt {
         virt::error::clear_error_callback();
         Libvirt {
             uri: uri.to_owned(),
-            slots: (0..connections.max(1)).map(|_| Slot::default()).collect(),
+            slots: (0..connections.max(1)).map(|_| Arc::default()).collect(),
             next: AtomicUsize::new(0),
         }
     }
@@ -49,13 +83,21 @@ impl Libvirt {
         T: Send + 'static,
         F: Fn(&Connect) -> std::result::Result<T, VirtError> + Send + 'static,
     {
+        self.on_slot(op, move |_, c| f(c)).await
+    }
+
+    async fn on_slot<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Slot, &Connect) -> std::result::Result<T, VirtError> + Send + 'static,
+    {
         let uri = self.uri.clone();
         let slot = self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()].clone();
         tokio::task::spawn_blocking(move || {
             let mut last = None;
             for _attempt in 0..2 {
                 let conn = checkout(&slot, &uri)?;
-                match f(&conn) {
+                match f(&slot, &conn) {
                     Ok(v) => return Ok(v),
                     Err(e) if is_connection_error(&e) => {
                         drop_connection(&slot);
@@ -76,15 +118,19 @@ impl Libvirt {
         })?
     }
 
-    /// Like `with_conn` for one domain, mapping "no such domain" to `NoDomain`.
+    /// Like `with_conn` for one domain, mapping "no such domain" to `NoDomain`. A cached
+    /// handle that meets "no such domain" is looked up once more before that is believed.
     async fn with_domain<T, F>(&self, op: &'static str, id: Uuid, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: Fn(&Domain) -> std::result::Result<T, VirtError> + Send + 'static,
     {
-        self.with_conn(op, move |c| {
-            let dom = c.lookup_domain_by_uuid_string(&id.to_string())?;
-            f(&dom)
+        self.on_slot(op, move |slot, c| match f(&slot.domain(c, id)?) {
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => {
+                slot.forget(id);
+                f(&slot.domain(c, id)?)
+            }
+            other => other,
         })
         .await
         .map_err(|e| match e {
@@ -94,12 +140,19 @@ impl Libvirt {
             other => other,
         })
     }
+
+    /// Drops every connection's handle of `id` (its domain was undefined).
+    fn forget_everywhere(&self, id: Uuid) {
+        for slot in &self.slots {
+            slot.forget(id);
+        }
+    }
 }
 
 const NO_DOMAIN_MARK: &str = "[no-domain] ";
 
-fn checkout(slot: &Mutex<Option<Connect>>, uri: &str) -> Result<Connect> {
-    let mut guard = slot.lock().map_err(|_| HypervisorError::Unavailable {
+fn checkout(slot: &Slot, uri: &str) -> Result<Connect> {
+    let mut guard = slot.conn.lock().map_err(|_| HypervisorError::Unavailable {
         uri: uri.to_owned(),
         message: "connection mutex poisoned".into(),
     })?;
@@ -114,8 +167,12 @@ fn checkout(slot: &Mutex<Option<Connect>>, uri: &str) -> Result<Connect> {
     Ok(conn)
 }
 
-fn drop_connection(slot: &Mutex<Option<Connect>>) {
-    if let Ok(mut guard) = slot.lock() {
+fn drop_connection(slot: &Slot) {
+    // The handles belong to the connection being dropped.
+    if let Ok(mut m) = slot.domains.lock() {
+        m.clear();
+    }
+    if let Ok(mut guard) = slot.conn.lock() {
         // Dropping the last handle closes the connection.
         guard.take();
     }
@@ -256,13 +313,15 @@ impl Hypervisor for Libvirt {
             | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
             | sys::VIR_DOMAIN_UNDEFINE_NVRAM
             | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA;
-        match self
+        let result = match self
             .with_domain("undefine", id, move |d| d.undefine_flags(flags))
             .await
         {
             Err(HypervisorError::NoDomain(_)) => Ok(()),
             other => other,
-        }
+        };
+        self.forget_everywhere(id);
+        result
     }
 
     async fn agent_command(

@@ -148,7 +148,10 @@ async fn two_vms_deploy_boot_with_cloud_init_stop_start_and_delete_cleanly() {
         .to_owned();
     assert!(ip6.starts_with("fd70::"), "{ip6}");
     let (_, addr6) = guest_sh(&a, "ip -6 -o addr show dev eth0");
-    assert!(addr6.contains(&format!("{ip6}/64")), "IPv6 configured: {addr6}");
+    assert!(
+        addr6.contains(&format!("{ip6}/64")),
+        "IPv6 configured: {addr6}"
+    );
     let ns = agent.rig.netns.clone();
     let reached = eventually(Duration::from_secs(60), || {
         ns_sh(&ns, &format!("ping -6 -c 1 -W 2 {ip6}")).0

@@ -34,7 +34,11 @@ fn image_snapshots(agent: &Agent, id: &str) -> Vec<String> {
 /// `tests/run` shows at the end.
 fn timing(all: &mut Vec<(&'static str, Duration)>, t: (&'static str, Duration)) {
     use std::io::Write;
-    let line = format!("snapshot timing (512 MiB guest): {}: {} ms", t.0, t.1.as_millis());
+    let line = format!(
+        "snapshot timing (512 MiB guest): {}: {} ms",
+        t.0,
+        t.1.as_millis()
+    );
     eprintln!("{line}");
     let logs = Rig::load().root.join("e2e-logs");
     let _ = std::fs::create_dir_all(&logs);
