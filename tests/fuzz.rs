@@ -814,6 +814,7 @@ fn domain_spec<'a>(title: &'a str, template_id: &'a str, nics: &'a [Nic<'a>]) ->
         nvram: Path::new("/var/lib/hvnode/vms/x/nvram.fd"),
         disk: Path::new("/var/lib/hvnode/vms/x/disk.qcow2"),
         seed: Path::new("/var/lib/hvnode/vms/x/seed.img"),
+        console_log: Path::new("/var/lib/hvnode/vms/x/console.log"),
         nics,
     }
 }

@@ -89,6 +89,11 @@ impl Disks {
         self.dir(id).join("disk.qcow2")
     }
 
+    /// The guest's serial console as virtlogd records it (rotated by virtlogd).
+    pub fn console_log_path(&self, id: Uuid) -> PathBuf {
+        self.dir(id).join("console.log")
+    }
+
     pub fn seed_path(&self, id: Uuid) -> PathBuf {
         self.dir(id).join("seed.img")
     }

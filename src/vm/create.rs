@@ -427,6 +427,7 @@ pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> Result<Strin
         nvram: &nvram,
         disk: &disk,
         seed: &seed,
+        console_log: &ctx.disks.console_log_path(vm.id),
         nics: &nics,
     })
     .map_err(|e| VmError::Internal(format!("domain XML: {e}")))

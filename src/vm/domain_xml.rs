@@ -41,6 +41,9 @@ pub struct DomainSpec<'a> {
     pub nvram: &'a Path,
     pub disk: &'a Path,
     pub seed: &'a Path,
+    /// Where virtlogd keeps what the guest writes on its serial console (boot messages,
+    /// cloud-init), so that a guest that never comes up can be read after the fact.
+    pub console_log: &'a Path,
     pub nics: &'a [Nic<'a>],
 }
 
@@ -93,6 +96,7 @@ fn unrepresentable(spec: &DomainSpec<'_>) -> Option<DomainXmlError> {
         spec.nvram,
         spec.disk,
         spec.seed,
+        spec.console_log,
     ]
     .map(|p| ("path", p.to_string_lossy()));
     let texts = [
@@ -221,7 +225,8 @@ pub fn render(spec: &DomainSpec<'_>) -> String {
     }
     let _ = writeln!(
         x,
-        "    <serial type='pty'>\n      <target port='0'/>\n    </serial>"
+        "    <serial type='pty'>\n      <log file='{}' append='on'/>\n      <target port='0'/>\n    </serial>",
+        p(spec.console_log)
     );
     let _ = writeln!(
         x,
@@ -273,6 +278,9 @@ mod tests {
             nvram: Path::new("/var/lib/hvnode/vms/0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c/nvram.fd"),
             disk: Path::new("/var/lib/hvnode/vms/0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c/disk.qcow2"),
             seed: Path::new("/var/lib/hvnode/vms/0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c/seed.img"),
+            console_log: Path::new(
+                "/var/lib/hvnode/vms/0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c/console.log",
+            ),
             nics,
         }
     }

@@ -67,6 +67,8 @@ pub struct Agent {
     pub socket: PathBuf,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    /// Where its VMs' directories are.
+    pub vm_dir: PathBuf,
     /// The agent's nftables table (bridge family).
     pub filter_table: String,
     child: Option<Child>,
@@ -128,6 +130,7 @@ impl Agent {
         let hash = hvnode::api::auth::hash_token(&token);
         let port = free_port();
         let socket = dir.join("hvnode.sock");
+        let vm_dir = opts.vm_dir.clone().unwrap_or_else(|| dir.join("vms"));
         let config_path = dir.join("config.toml");
         let net = rig.gateway.rsplit_once('.').unwrap().0.to_string();
         let filter_table = format!("hv_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
@@ -168,11 +171,7 @@ dns = ["{gw}"]
 "#,
             socket = socket.display(),
             images = opts.image_dir.as_ref().unwrap_or(&rig.image_dir).display(),
-            vms = opts
-                .vm_dir
-                .clone()
-                .unwrap_or_else(|| dir.join("vms"))
-                .display(),
+            vms = vm_dir.display(),
             tasks = opts.tasks_toml.as_deref().unwrap_or(
                 "# Several guests boot at once under TCG on a small machine.\n\
                  guest_agent_timeout_s = 1500\nconnectivity_timeout_s = 600"
@@ -197,6 +196,7 @@ dns = ["{gw}"]
             token,
             socket,
             log_path: dir.join("agent.log"),
+            vm_dir,
             config_path,
             dir,
             filter_table,
@@ -316,6 +316,18 @@ dns = ["{gw}"]
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// The last lines the guest wrote on its serial console (virtlogd's `console.log`),
+    /// control characters dropped.
+    pub fn console_tail(&self, id: &str, lines: usize) -> String {
+        let raw = std::fs::read(self.vm_dir.join(id).join("console.log")).unwrap_or_default();
+        let text: String = String::from_utf8_lossy(&raw)
+            .chars()
+            .filter(|c| *c == '\n' || !c.is_control())
+            .collect();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
@@ -388,8 +400,10 @@ dns = ["{gw}"]
             }
             if Instant::now() > deadline {
                 panic!(
-                    "deployment of {id} not finished after {timeout:?}: {data}\n{}",
-                    self.log_tail(30)
+                    "deployment of {id} not finished after {timeout:?}: {data}\n{}\n\
+                     --- serial console of {id} ---\n{}",
+                    self.log_tail(30),
+                    self.console_tail(id, 60)
                 );
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -417,6 +431,12 @@ impl Drop for Agent {
                 self.name,
                 self.log_tail(60)
             );
+            for id in self.created.lock().unwrap().iter() {
+                eprintln!(
+                    "--- serial console of {id} ---\n{}",
+                    self.console_tail(id, 40)
+                );
+            }
         } else {
             // Kept for the suite's last check: no secret a test used reached any log.
             let logs = self.rig.root.join("e2e-logs");
@@ -455,7 +475,8 @@ pub fn record_secret(rig: &Rig, secret: &str) {
         .append(true)
         .open(rig.root.join("e2e-secrets.txt"))
     {
-        let _ = writeln!(f, "{secret}");
+        // One write per line: tests append at once, and `writeln!` may split the newline off.
+        let _ = f.write_all(format!("{secret}\n").as_bytes());
     }
 }
 
@@ -560,7 +581,7 @@ pub fn create_body(id: &str, hostname: &str, password: &str) -> Value {
 
 /// Whether the VM's directory exists under the agent's vm_dir.
 pub fn vm_dir_exists(agent: &Agent, id: &str) -> bool {
-    agent.dir.join("vms").join(id).exists()
+    agent.vm_dir.join(id).exists()
 }
 
 /// Waits until `f` returns true or the timeout passes.

@@ -216,10 +216,7 @@ async fn snapshots_roll_back_exactly_and_errors_change_nothing() {
     let (s, made) = agent
         .post(&snaps, json!({"name": "ram1", "include_ram": true}))
         .await;
-    timing(
-        &mut timings,
-        ("create with RAM (512 MiB guest)", t.elapsed()),
-    );
+    timing(&mut timings, ("create with RAM (running)", t.elapsed()));
     assert_eq!(s, 201, "{made}");
     assert_eq!(made["data"]["snapshot"]["vmstate"], json!(true));
     guest_sh(&id, &format!("kill {pid}"));

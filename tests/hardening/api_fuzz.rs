@@ -31,6 +31,8 @@ async fn schemathesis_finds_no_server_error_and_no_response_outside_the_document
     );
     let report = agent.dir.join("schemathesis");
     let out = Command::new(schemathesis())
+        // Its cache (`.schemathesis/`) goes with the agent's directory, not the checkout.
+        .current_dir(&agent.dir)
         .arg("run")
         .arg(format!("{}/v1/openapi.json", agent.url))
         .args([
