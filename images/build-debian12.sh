@@ -217,6 +217,11 @@ DefaultDependencies=no
 After=local-fs.target systemd-journald.socket
 Conflicts=shutdown.target
 Before=shutdown.target
+
+# The host waits for it to answer: if it ever dies, it comes back.
+[Service]
+Restart=always
+RestartSec=2
 EOF
 
 # No LVM in the guest: e2scrub has nothing to do but costs seconds at every boot.
