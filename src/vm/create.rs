@@ -390,10 +390,11 @@ fn deployment_webhook(
 pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> Result<String, VmError> {
     let lv = &ctx.config.libvirt;
     let dir = ctx.disks.dir(vm.id);
-    let (disk, seed, nvram) = (
+    let (disk, seed, nvram, console_log) = (
         ctx.disks.disk_path(vm.id),
         ctx.disks.seed_path(vm.id),
         dir.join("nvram.fd"),
+        ctx.disks.console_log_path(vm.id),
     );
     let specs = net.all();
     let nics: Vec<domain_xml::Nic<'_>> = specs
@@ -427,7 +428,7 @@ pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> Result<Strin
         nvram: &nvram,
         disk: &disk,
         seed: &seed,
-        console_log: &ctx.disks.console_log_path(vm.id),
+        console_log: &console_log,
         nics: &nics,
     })
     .map_err(|e| VmError::Internal(format!("domain XML: {e}")))

@@ -311,9 +311,7 @@ dns = ["{gw}"]
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        last_lines(&self.log(), lines)
     }
 
     /// The last lines the guest wrote on its serial console (virtlogd's `console.log`),
@@ -324,8 +322,7 @@ dns = ["{gw}"]
             .chars()
             .filter(|c| *c == '\n' || !c.is_control())
             .collect();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        last_lines(&text, lines)
     }
 
     pub fn log(&self) -> String {
@@ -399,12 +396,8 @@ dns = ["{gw}"]
                 _ => {}
             }
             if Instant::now() > deadline {
-                panic!(
-                    "deployment of {id} not finished after {timeout:?}: {data}\n{}\n\
-                     --- serial console of {id} ---\n{}",
-                    self.log_tail(30),
-                    self.console_tail(id, 60)
-                );
+                // `Drop` adds the agent's log and the guests' consoles.
+                panic!("deployment of {id} not finished after {timeout:?}: {data}");
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -577,6 +570,12 @@ pub fn create_body(id: &str, hostname: &str, password: &str) -> Value {
         "root_password": password,
         "ssh_keys": [SSH_KEY],
     })
+}
+
+/// The last `lines` lines of `text`.
+fn last_lines(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Whether the VM's directory exists under the agent's vm_dir.

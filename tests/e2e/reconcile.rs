@@ -61,7 +61,7 @@ async fn startup_reports_and_cleans_orphans_and_unknown_domains() {
     drop(store);
     // …and an hvnode domain with its files in this agent's vm_dir but no record.
     let unknown = Uuid::new_v4();
-    let vm_dir = agent.dir.join("vms").join(unknown.to_string());
+    let vm_dir = agent.vm_dir.join(unknown.to_string());
     std::fs::create_dir_all(&vm_dir).unwrap();
     let xml = format!(
         "<domain type='qemu'><name>vps-{unknown}</name><uuid>{unknown}</uuid>

@@ -75,12 +75,7 @@ async fn reinstall_keeps_identity_and_resize_grows_what_the_guest_sees() {
         addr.contains(&format!("{ip}/")),
         "same address in the guest: {addr}"
     );
-    assert!(!agent
-        .dir
-        .join("vms")
-        .join(&id)
-        .join("disk.prev.qcow2")
-        .exists());
+    assert!(!agent.vm_dir.join(&id).join("disk.prev.qcow2").exists());
 
     // A shrink without confirmation is refused and changes nothing.
     let size_before = disk_bytes(&id);

@@ -13,7 +13,7 @@ const BOOT: Duration = Duration::from_secs(1200);
 
 /// Snapshot names the disk image holds (read without a lock, so also while it runs).
 fn image_snapshots(agent: &Agent, id: &str) -> Vec<String> {
-    let disk = agent.dir.join("vms").join(id).join("disk.qcow2");
+    let disk = agent.vm_dir.join(id).join("disk.qcow2");
     let (ok, out) = sh(&format!(
         "qemu-img info -U --output=json {}",
         disk.display()
@@ -302,7 +302,7 @@ async fn snapshots_roll_back_exactly_and_errors_change_nothing() {
     let (_, list) = agent.get(&snaps).await;
     assert_eq!(names(&list), ["ram1"]);
     assert_eq!(image_snapshots(&agent, &id), ["ram1"]);
-    let disk = agent.dir.join("vms").join(&id).join("disk.qcow2");
+    let disk = agent.vm_dir.join(&id).join("disk.qcow2");
     let (ok, check) = sh(&format!("qemu-img check {}", disk.display()));
     assert!(ok && check.contains("No errors"), "qemu-img check: {check}");
 

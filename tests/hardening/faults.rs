@@ -367,7 +367,7 @@ async fn a_lost_or_corrupted_store_stops_the_agent_with_a_clear_message() {
     assert!(refused.contains("Restore"), "{refused}");
 
     // Starting over on purpose, as the message says: remove the marker.
-    let marker = agent.dir.join("vms").join(".hvnode-store-id");
+    let marker = agent.vm_dir.join(".hvnode-store-id");
     assert!(refused.contains(&marker.display().to_string()), "{refused}");
     std::fs::remove_file(&marker).unwrap();
     agent
