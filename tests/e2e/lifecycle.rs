@@ -78,6 +78,13 @@ async fn two_vms_deploy_boot_with_cloud_init_stop_start_and_delete_cleanly() {
     );
     assert_eq!(da["tasks_completed"], json!(10));
     assert_eq!(da["is_ready"], json!(true));
+    // What the guest wrote on its serial console is kept beside its disk.
+    let console = agent.console_tail(&a, usize::MAX);
+    assert!(
+        console.contains("Linux version"),
+        "the kernel's banner is in console.log: {}",
+        agent.console_tail(&a, 20)
+    );
     assert_eq!(da["access_info"]["ip_address"], json!(ip_a));
     assert!(
         seen_a.len() >= 2,
