@@ -17,7 +17,7 @@
 //! headers and counts payload bytes out of one reused buffer. An earlier version of this
 //! bench used tokio-tungstenite as the client, which copies every payload into a message
 //! of its own; on 2 cores that client, not the proxies, set the pace (websockify measured
-//! 546 MiB/s through it, and well over 1.5 GiB/s through this one).
+//! 546 MiB/s through it, and 1.5–2.2 GiB/s through this one).
 //!
 //! The ceiling: the same client reading the same stream straight from the source over one
 //! loopback TCP connection, with no proxy at all. A proxy's last leg is exactly such a
@@ -52,12 +52,8 @@ fn main() {
     }
     if let Some(i) = args.iter().position(|a| a == "--proxy-child") {
         // The agent's runtime shape: multi-threaded tokio.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         let target = PathBuf::from(&args[i + 1]);
-        rt.block_on(async move {
+        runtime(true).block_on(async move {
             let port = hvnode_proxy(target).await;
             println!("{port}");
             std::future::pending::<()>().await
@@ -65,20 +61,20 @@ fn main() {
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--source-child") {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let path = PathBuf::from(&args[i + 1]);
-        rt.block_on(source(path));
+        runtime(false).block_on(source(PathBuf::from(&args[i + 1])));
         return;
     }
     // The client: one thread, as a browser tab has.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run());
+    runtime(false).block_on(run());
+}
+
+fn runtime(multi_thread: bool) -> tokio::runtime::Runtime {
+    let mut b = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all().build().unwrap()
 }
 
 /// CPU seconds a process and its reaped children have used, from /proc: (user, system).
@@ -104,6 +100,12 @@ fn cpu_seconds(pid: u32) -> Cpu {
 struct Cpu {
     user: f64,
     system: f64,
+}
+
+impl Cpu {
+    fn total(self) -> f64 {
+        self.user + self.system
+    }
 }
 
 impl std::ops::Sub for Cpu {
@@ -363,12 +365,18 @@ async fn bulk(port: u16) -> f64 {
     BULK_MIB as f64 / start.elapsed().as_secs_f64()
 }
 
+/// A connection straight to the source's TCP port, in `mode` (`B` or `E`).
+async fn direct(port: u16, mode: u8) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(&[mode]).await.unwrap();
+    s
+}
+
 /// MiB/s of one bulk stream read straight from the source's TCP port: the ceiling, since
 /// a proxy's last leg is this same loopback TCP connection to the client.
 async fn bulk_direct(port: u16) -> f64 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.set_nodelay(true).unwrap();
-    s.write_all(b"B").await.unwrap();
+    let mut s = direct(port, b'B').await;
     let mut buf = vec![0u8; CLIENT_BUF];
     let (want, mut got) = (BULK_MIB * 1024 * 1024, 0);
     let start = Instant::now();
@@ -396,9 +404,7 @@ async fn echo_ws(port: u16) -> Vec<f64> {
 }
 
 async fn echo_direct(port: u16) -> Vec<f64> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.set_nodelay(true).unwrap();
-    s.write_all(b"E").await.unwrap();
+    let mut s = direct(port, b'E').await;
     let payload = [7u8; ECHO_BYTES];
     let mut buf = [0u8; ECHO_BYTES];
     let mut out = Vec::with_capacity(ECHOES);
@@ -450,10 +456,7 @@ async fn run() {
         cpu_b += cpu_seconds(theirs_pid) - c;
     }
     let gib = (STREAMS * BULK_MIB) as f64 / 1024.0;
-    let (per_a, per_b) = (
-        (cpu_a.user + cpu_a.system) / gib,
-        (cpu_b.user + cpu_b.system) / gib,
-    );
+    let (per_a, per_b) = (cpu_a.total() / gib, cpu_b.total() / gib);
     let (td, ta, tb) = (median(d), median(a), median(b));
     // Three interleaved rounds each, pooled.
     let (mut direct, mut ea, mut eb) = (Vec::new(), Vec::new(), Vec::new());
