@@ -25,12 +25,26 @@ pub struct App {
     pub sampler: Sampler,
     pub requests: RequestCounters,
     pub tickets: Tickets,
-    /// Console sessions open at once (`console.max_sessions`).
-    pub console_slots: Arc<tokio::sync::Semaphore>,
+    /// Console sessions open now, within `console.max_sessions` and
+    /// `console.max_sessions_per_vm`.
+    pub consoles: crate::console::Sessions,
     monitor: NodeMonitor,
     started: Instant,
     outbox: Outbox,
+    checked: Arc<std::sync::Mutex<Checked>>,
 }
+
+/// What the background check last found (`/v1/health`, `/metrics`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Checked {
+    /// Every pooled libvirt connection answered.
+    reachable: bool,
+    /// Whether QEMU runs confined (AppArmor, SELinux); unknown until libvirt answered.
+    confined: Option<bool>,
+}
+
+/// How often the background check asks libvirt.
+const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl App {
     /// Opens the store and prepares the libvirt client (connected lazily). Must run inside
@@ -81,7 +95,10 @@ impl App {
             sampler,
             requests: RequestCounters::default(),
             tickets: Tickets::default(),
-            console_slots: Arc::new(tokio::sync::Semaphore::new(config.console.max_sessions)),
+            consoles: crate::console::Sessions::new(
+                config.console.max_sessions,
+                config.console.max_sessions_per_vm,
+            ),
             tokens: TokenSet::from_hex(&config.api.token_sha256),
             socket_policy: SocketPolicy::from_group(&config.api.socket_group),
             config,
@@ -89,11 +106,63 @@ impl App {
             monitor: NodeMonitor::start(),
             started: Instant::now(),
             outbox,
+            checked: Arc::default(),
         }
     }
 
-    /// Starts the background workers: webhook delivery and the metrics sampler.
-    pub fn start_background(&self) {
+    /// Asks libvirt once on every pooled connection, and whether QEMU is confined, and
+    /// keeps the answer for health checks. A change is logged once.
+    pub async fn check_health(&self) {
+        let hv = self.vms.hypervisor();
+        let probe = hv.probe().await;
+        let reachable = probe.is_ok();
+        let mut confined = self.checked_now().confined;
+        if reachable && confined.is_none() {
+            confined = hv.confined().await.ok();
+            if confined == Some(false) {
+                let required = self.config.libvirt.require_confinement;
+                tracing::warn!(
+                    required,
+                    "libvirt confines QEMU with no mandatory access control (security model \
+                     none): one escaped guest could reach every VM's disk; install AppArmor \
+                     or SELinux for libvirt (health is degraded unless \
+                     libvirt.require_confinement = false)"
+                );
+            }
+        }
+        let before = {
+            let mut c = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+            let before = c.reachable;
+            *c = Checked {
+                reachable,
+                confined,
+            };
+            before
+        };
+        match probe {
+            Err(e) if before => tracing::warn!(error = %e, "libvirt is unreachable"),
+            Ok(()) if !before => tracing::info!("libvirt is reachable"),
+            _ => {}
+        }
+    }
+
+    fn checked_now(&self) -> Checked {
+        *self.checked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the background workers: the health check, webhook delivery and the metrics
+    /// sampler.
+    pub fn start_background(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(app) = me.upgrade() else { return };
+                app.check_health().await;
+            }
+        });
         self.sampler.start();
         Deliverer::new(
             self.vms.store().clone(),
@@ -104,17 +173,32 @@ impl App {
         self.outbox.wake();
     }
 
-    pub async fn health(&self) -> Health {
-        let connected = self.vms.hypervisor().connected().await;
+    /// The agent's health from the last background check; `trusted` callers also learn
+    /// where it looks for libvirt.
+    pub fn health(&self, trusted: bool) -> Health {
+        let checked = self.checked_now();
+        let connected = checked.reachable && !self.vms.hypervisor().failing();
+        let mut reasons = Vec::new();
+        if !connected {
+            reasons.push(DegradedReason::LibvirtUnreachable);
+        }
+        if checked.confined == Some(false) && self.config.libvirt.require_confinement {
+            reasons.push(DegradedReason::QemuUnconfined);
+        }
         Health {
-            status: if connected { "healthy" } else { "degraded" },
+            status: if reasons.is_empty() {
+                "healthy"
+            } else {
+                "degraded"
+            },
             service: "hvnode",
             version: env!("CARGO_PKG_VERSION"),
             libvirt: LibvirtHealth {
                 connected,
-                uri: self.vms.hypervisor().uri().to_owned(),
+                uri: trusted.then(|| self.vms.hypervisor().uri().to_owned()),
             },
             uptime_seconds: self.started.elapsed().as_secs(),
+            reasons,
         }
     }
 
@@ -194,7 +278,7 @@ impl App {
             .await?;
         let samples = self.sampler.all();
         let requests = self.requests.snapshot();
-        let libvirt_up = self.vms.hypervisor().connected().await;
+        let libvirt_up = self.checked_now().reachable && !self.vms.hypervisor().failing();
         Ok(crate::metrics::prometheus::render(
             &crate::metrics::prometheus::Scrape {
                 cpu: &cpu,
@@ -236,19 +320,36 @@ impl App {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `degraded` while libvirt cannot be reached.
+    /// `degraded` while libvirt cannot be reached, or while QEMU runs unconfined (unless
+    /// `libvirt.require_confinement = false`); `reasons` says which.
     #[schema(value_type = crate::api::openapi::HealthStatus)]
     pub status: &'static str,
     pub service: &'static str,
     pub version: &'static str,
     pub libvirt: LibvirtHealth,
     pub uptime_seconds: u64,
+    /// Why the agent is degraded; empty when healthy.
+    pub reasons: Vec<DegradedReason>,
+}
+
+/// Why `/v1/health` says `degraded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DegradedReason {
+    /// A pooled libvirt connection did not answer, or a call found libvirt unreachable
+    /// since the last check that reached it on every connection.
+    LibvirtUnreachable,
+    /// libvirt runs QEMU without AppArmor or SELinux: one escaped guest could reach every
+    /// VM's disk.
+    QemuUnconfined,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LibvirtHealth {
     pub connected: bool,
-    pub uri: String,
+    /// Where the agent looks for libvirt; only for callers with a token or on the socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -49,11 +49,15 @@ impl DaemonError {
 const DRAIN: Duration = Duration::from_secs(5);
 
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let faults = FaultPoints::parse(std::env::var("HVNODE_FAULT").ok().as_deref());
+    // Disks, seeds, memory snapshots and the store are the customers': 0600 whatever
+    // umask the agent was started with (the unit sets 0077; a shell may not).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let faults = FaultPoints::from_env();
     if faults.is_armed() {
-        tracing::warn!("test fault point armed (HVNODE_FAULT): this agent will kill itself");
+        tracing::warn!("test fault point armed: this agent will kill itself");
     }
     let app = Arc::new(App::open(config, faults)?);
+    app.check_health().await;
     app.start_background();
     let report = app.vms.recover().await?;
     tracing::info!(
@@ -80,19 +84,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let router = api::router(app.clone());
-    let tcp_server = {
-        let mut rx = stop_rx.clone();
-        let svc = router
-            .clone()
-            .into_make_service_with_connect_info::<std::net::SocketAddr>();
-        tokio::spawn(async move {
-            axum::serve(tcp, svc)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await
-        })
-    };
+    let tcp_server = tokio::spawn(api::listener::serve(
+        tcp,
+        router.clone(),
+        api::listener::Limits::from_config(&app.config.api),
+        stop_rx.clone(),
+    ));
     let unix_server = {
         let mut rx = stop_rx.clone();
         let svc = router.into_make_service_with_connect_info::<UnixPeer>();

@@ -89,27 +89,30 @@ impl SocketPolicy {
     }
 }
 
-pub async fn require_auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+/// Who the request comes from, as far as the agent trusts it: `Ok` for an admitted socket
+/// peer or a valid bearer token, else the refusal to answer with.
+pub fn authenticate(app: &App, req: &Request) -> Result<(), ApiError> {
     if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<UnixPeer>>() {
         if app.socket_policy.allows(peer) {
-            return next.run(req).await;
+            return Ok(());
         }
-        return ApiError::new(
+        return Err(ApiError::new(
             ErrorCode::InvalidApiKey,
             format!(
                 "uid {} is not root or a member of the admin group",
                 peer.uid
             ),
-        )
-        .into_response();
+        ));
     }
     let header = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let Some(header) = header else {
-        return ApiError::new(ErrorCode::NoApiKey, "send Authorization: Bearer <token>")
-            .into_response();
+        return Err(ApiError::new(
+            ErrorCode::NoApiKey,
+            "send Authorization: Bearer <token>",
+        ));
     };
     let token = header
         .strip_prefix("Bearer ")
@@ -117,12 +120,37 @@ pub async fn require_auth(State(app): State<Arc<App>>, req: Request, next: Next)
         .unwrap_or("")
         .trim();
     if token.is_empty() {
-        return ApiError::new(ErrorCode::NoApiKey, "send Authorization: Bearer <token>")
-            .into_response();
+        return Err(ApiError::new(
+            ErrorCode::NoApiKey,
+            "send Authorization: Bearer <token>",
+        ));
     }
     if !app.tokens.accepts(token) {
-        return ApiError::new(ErrorCode::InvalidApiKey, "the token is not valid").into_response();
+        return Err(ApiError::new(
+            ErrorCode::InvalidApiKey,
+            "the token is not valid",
+        ));
     }
+    Ok(())
+}
+
+/// Whether a request on a public route was made by someone the agent trusts (who may then
+/// see what strangers may not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trusted(pub bool);
+
+pub async fn require_auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    match authenticate(&app, &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// On public routes: marks the request `Trusted` when it carries valid credentials, and
+/// lets it through either way.
+pub async fn note_auth(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
+    let trusted = Trusted(authenticate(&app, &req).is_ok());
+    req.extensions_mut().insert(trusted);
     next.run(req).await
 }
 

@@ -20,6 +20,7 @@ pub mod auth;
 mod console;
 pub mod error;
 pub mod extract;
+pub mod listener;
 mod networks;
 mod node;
 pub mod openapi;
@@ -218,6 +219,7 @@ pub fn router(app: Arc<App>) -> Router {
             get(console::console_asset),
         )
         .route("/v1/console/ws", get(console::console_ws))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth::note_auth))
         .route_layer(middleware::from_fn_with_state(app.clone(), count_requests));
     let max_body = app.config.api.max_body_bytes;
     Router::new()
@@ -226,7 +228,7 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(middleware::from_fn_with_state(app.clone(), limit_body))
+        .layer(middleware::from_fn_with_state(app.clone(), read_body))
         .layer(middleware::from_fn(ensure_envelope))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,
@@ -264,8 +266,10 @@ async fn method_not_allowed(State(app): State<Arc<App>>, req: Request) -> ApiErr
     )
 }
 
-/// Refuses a declared oversized body at once, on every route.
-async fn limit_body(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+/// Refuses a declared oversized body at once, on every route, then reads the body whole
+/// within `api.body_timeout_ms` (a client that stops sending mid-body gets 408 instead of
+/// holding the request open), so handlers get it from memory.
+async fn read_body(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -281,7 +285,38 @@ async fn limit_body(State(app): State<Arc<App>>, req: Request, next: Next) -> Re
         )
         .into_response();
     }
-    next.run(req).await
+    let (parts, body) = req.into_parts();
+    let max = app.config.api.max_body_bytes;
+    let timeout = std::time::Duration::from_millis(app.config.api.body_timeout_ms);
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            // Over the limit while streaming, or the connection broke mid-body.
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("request body exceeds {max} bytes"),
+                )
+            } else {
+                ApiError::new(ErrorCode::InvalidJson, "the request body could not be read")
+            }
+            .into_response();
+        }
+        Err(_) => {
+            return ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the request body did not arrive within {} ms (api.body_timeout_ms)",
+                    timeout.as_millis()
+                ),
+            )
+            .into_response()
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// The last line of defence for the envelope: an error that some extractor or layer

@@ -33,7 +33,12 @@ pub async fn ip_add(
     Path(id): Path<String>,
     OptionalJson(req): OptionalJson<AddIpRequest>,
 ) -> ApiResult {
-    let added = app.vms.add_ip(vm_id(&id)?, req).await?;
+    let added = {
+        let id = vm_id(&id)?;
+        app.vms
+            .detached(move |vms| async move { vms.add_ip(id, req).await })
+            .await?
+    };
     Ok(with_status(StatusCode::CREATED, added, None))
 }
 
@@ -45,7 +50,12 @@ pub async fn ip_remove(
     Path((id, address)): Path<(String, String)>,
 ) -> ApiResult {
     let id = vm_id(&id)?;
-    app.vms.remove_ip(id, &address).await?;
+    app.vms
+        .detached({
+            let address = address.clone();
+            move |vms| async move { vms.remove_ip(id, &address).await }
+        })
+        .await?;
     Ok(ok(
         serde_json::json!({ "deleted": true, "vps_id": id, "address": address }),
     ))
@@ -60,7 +70,11 @@ pub async fn ip_move(
     Path((id, address)): Path<(String, String)>,
     JsonBody(req): JsonBody<MoveIpRequest>,
 ) -> ApiResult {
-    Ok(ok(app.vms.move_ip(vm_id(&id)?, &address, req).await?))
+    let id = vm_id(&id)?;
+    Ok(ok(app
+        .vms
+        .detached(move |vms| async move { vms.move_ip(id, &address, req).await })
+        .await?))
 }
 
 /// The private networks of this node, with their members.
@@ -85,7 +99,10 @@ pub async fn network_create(
     State(app): State<Arc<App>>,
     JsonBody(req): JsonBody<CreateNetworkRequest>,
 ) -> ApiResult {
-    let network = app.vms.network_create(req).await?;
+    let network = app
+        .vms
+        .detached(move |vms| async move { vms.network_create(req).await })
+        .await?;
     Ok(with_status(StatusCode::CREATED, network, None))
 }
 
@@ -94,7 +111,10 @@ pub async fn network_create(
     params(NetworkId),
     responses((status = 200, description = "The network is gone", body = Envelope<NetworkDeleted>)))]
 pub async fn network_delete(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
-    Ok(ok(app.vms.network_delete(&id).await?))
+    Ok(ok(app
+        .vms
+        .detached(move |vms| async move { vms.network_delete(&id).await })
+        .await?))
 }
 
 /// Attach a VPS to a private network: a new NIC with an address of its subnet.
@@ -107,7 +127,10 @@ pub async fn network_attach(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<AttachRequest>,
 ) -> ApiResult {
-    let member = app.vms.network_attach(&id, req).await?;
+    let member = app
+        .vms
+        .detached(move |vms| async move { vms.network_attach(&id, req).await })
+        .await?;
     Ok(with_status(StatusCode::CREATED, member, None))
 }
 
@@ -119,5 +142,8 @@ pub async fn network_detach(
     State(app): State<Arc<App>>,
     Path((id, membership)): Path<(String, String)>,
 ) -> ApiResult {
-    Ok(ok(app.vms.network_detach(&id, &membership).await?))
+    Ok(ok(app
+        .vms
+        .detached(move |vms| async move { vms.network_detach(&id, &membership).await })
+        .await?))
 }

@@ -27,7 +27,12 @@ pub async fn snapshot_create(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<CreateSnapshotRequest>,
 ) -> ApiResult {
-    let created = app.vms.snapshot_create(vm_id(&id)?, req).await?;
+    let created = {
+        let id = vm_id(&id)?;
+        app.vms
+            .detached(move |vms| async move { vms.snapshot_create(id, req).await })
+            .await?
+    };
     Ok(with_status(StatusCode::CREATED, created, None))
 }
 
@@ -39,7 +44,11 @@ pub async fn snapshot_rollback(
     State(app): State<Arc<App>>,
     Path((id, name)): Path<(String, String)>,
 ) -> ApiResult {
-    Ok(ok(app.vms.snapshot_rollback(vm_id(&id)?, &name).await?))
+    let id = vm_id(&id)?;
+    Ok(ok(app
+        .vms
+        .detached(move |vms| async move { vms.snapshot_rollback(id, &name).await })
+        .await?))
 }
 
 /// Delete a snapshot.
@@ -50,5 +59,9 @@ pub async fn snapshot_delete(
     State(app): State<Arc<App>>,
     Path((id, name)): Path<(String, String)>,
 ) -> ApiResult {
-    Ok(ok(app.vms.snapshot_delete(vm_id(&id)?, &name).await?))
+    let id = vm_id(&id)?;
+    Ok(ok(app
+        .vms
+        .detached(move |vms| async move { vms.snapshot_delete(id, &name).await })
+        .await?))
 }

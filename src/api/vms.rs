@@ -32,7 +32,10 @@ pub async fn vm_create(
     State(app): State<Arc<App>>,
     JsonBody(req): JsonBody<CreateVmRequest>,
 ) -> ApiResult {
-    let accepted = app.vms.create(req).await?;
+    let accepted = app
+        .vms
+        .detached(move |vms| async move { vms.create(req).await })
+        .await?;
     Ok(with_status(
         StatusCode::ACCEPTED,
         accepted,
@@ -94,13 +97,27 @@ pub async fn vm_deployment(State(app): State<Arc<App>>, Path(id): Path<String>) 
     responses((status = 200, description = "The VPS is gone", body = Envelope<Deleted>)))]
 pub async fn vm_delete(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     let id = vm_id(&id)?;
-    // Outstanding console tickets die with the VM, whatever the delete's outcome.
+    // Outstanding console tickets and open sessions die with the VM, whatever the
+    // delete's outcome.
     app.tickets.revoke_vm(id);
-    Ok(ok(app.vms.delete(id).await?))
+    app.consoles.close_vm(id);
+    Ok(ok(app
+        .vms
+        .detached(move |vms| async move { vms.delete(id).await })
+        .await?))
 }
 
 async fn power(app: &App, id: &str, action: Action, stop: StopOptions) -> ApiResult {
-    Ok(ok(app.vms.action(vm_id(id)?, action, stop).await?))
+    let id = vm_id(id)?;
+    let done = app
+        .vms
+        .detached(move |vms| async move { vms.action(id, action, stop).await })
+        .await?;
+    if action == Action::Suspend {
+        // Whoever watched the VM's screen does not watch it frozen.
+        app.consoles.close_vm(id);
+    }
+    Ok(ok(done))
 }
 
 /// Start a VPS.
@@ -182,7 +199,14 @@ pub async fn vm_reinstall(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<ReinstallRequest>,
 ) -> ApiResult {
-    let accepted = app.vms.reinstall(vm_id(&id)?, req).await?;
+    let id = vm_id(&id)?;
+    let accepted = app
+        .vms
+        .detached(move |vms| async move { vms.reinstall(id, req).await })
+        .await?;
+    // The old installation's consoles end with it.
+    app.tickets.revoke_vm(id);
+    app.consoles.close_vm(id);
     Ok(with_status(
         StatusCode::ACCEPTED,
         accepted,
@@ -199,7 +223,12 @@ pub async fn vm_resize(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<ResizeRequest>,
 ) -> ApiResult {
-    let accepted = app.vms.resize(vm_id(&id)?, req).await?;
+    let accepted = {
+        let id = vm_id(&id)?;
+        app.vms
+            .detached(move |vms| async move { vms.resize(id, req).await })
+            .await?
+    };
     Ok(with_status(
         StatusCode::ACCEPTED,
         accepted,

@@ -6,7 +6,7 @@
 //! lets them proceed side by side.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -21,39 +21,98 @@ use super::{
     Result, Versions, METADATA_NS,
 };
 
-/// One pooled connection and the domain handles looked up on it.
+/// One pooled connection and the domain handles looked up on it, under one lock, so that
+/// a handle never outlives the connection it was looked up on: dropping the connection
+/// clears its handles in the same critical section, and a handle looked up on a connection
+/// that has meanwhile been replaced is never cached.
 #[derive(Default)]
 struct Slot {
-    conn: Mutex<Option<Connect>>,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    conn: Option<Connect>,
+    /// Bumped whenever `conn` is dropped: what a caller checked out carries the generation
+    /// it belongs to.
+    generation: u64,
     /// Handles by UUID, so that a call on a domain seen before costs no lookup round trip
     /// (the QEMU driver finds a domain by its UUID, so a handle stays good across restarts
-    /// and redefinitions). Cleared with the connection; a handle whose domain is gone is
-    /// dropped on the `NoDomain` it meets.
-    domains: Mutex<HashMap<Uuid, Domain>>,
+    /// and redefinitions). A handle whose domain is gone is dropped on the `NoDomain` it
+    /// meets.
+    domains: HashMap<Uuid, Domain>,
 }
 
 /// Handles kept per connection at most; beyond, the cache starts over.
 const MAX_CACHED_DOMAINS: usize = 4096;
 
+/// A connection checked out of a slot, with the generation it belongs to.
+struct Checkout {
+    conn: Connect,
+    generation: u64,
+}
+
 impl Slot {
-    fn domain(&self, conn: &Connect, id: Uuid) -> std::result::Result<Domain, VirtError> {
-        if let Some(d) = self.domains.lock().ok().and_then(|m| m.get(&id).cloned()) {
-            return Ok(d);
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The slot's connection, opened if there is none.
+    fn checkout(&self, uri: &str) -> Result<Checkout> {
+        let mut st = self.lock();
+        if let Some(conn) = st.conn.as_ref() {
+            return Ok(Checkout {
+                conn: conn.clone(),
+                generation: st.generation,
+            });
         }
-        let d = conn.lookup_domain_by_uuid_string(&id.to_string())?;
-        if let Ok(mut m) = self.domains.lock() {
-            if m.len() >= MAX_CACHED_DOMAINS {
-                m.clear();
+        // Opening blocks under the lock: the slot's other callers would only open a
+        // connection of their own meanwhile.
+        let conn = Connect::open(Some(uri)).map_err(|e| HypervisorError::Unavailable {
+            uri: uri.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        st.conn = Some(conn.clone());
+        Ok(Checkout {
+            conn,
+            generation: st.generation,
+        })
+    }
+
+    /// Drops the connection of generation `generation` with every handle looked up on it,
+    /// unless another caller already replaced it.
+    fn drop_connection(&self, generation: u64) {
+        let mut st = self.lock();
+        if st.generation == generation {
+            st.domains.clear();
+            // Dropping the last reference closes the connection.
+            st.conn = None;
+            st.generation += 1;
+        }
+    }
+
+    fn domain(&self, c: &Checkout, id: Uuid) -> std::result::Result<Domain, VirtError> {
+        {
+            let st = self.lock();
+            if st.generation == c.generation {
+                if let Some(d) = st.domains.get(&id) {
+                    return Ok(d.clone());
+                }
             }
-            m.insert(id, d.clone());
+        }
+        let d = c.conn.lookup_domain_by_uuid_string(&id.to_string())?;
+        let mut st = self.lock();
+        if st.generation == c.generation {
+            if st.domains.len() >= MAX_CACHED_DOMAINS {
+                st.domains.clear();
+            }
+            st.domains.insert(id, d.clone());
         }
         Ok(d)
     }
 
     fn forget(&self, id: Uuid) {
-        if let Ok(mut m) = self.domains.lock() {
-            m.remove(&id);
-        }
+        self.lock().domains.remove(&id);
     }
 }
 
@@ -61,6 +120,9 @@ pub struct Libvirt {
     uri: String,
     slots: Vec<Arc<Slot>>,
     next: AtomicUsize,
+    /// Set when a call found libvirt unreachable; cleared by a probe that reached it on
+    /// every connection. Health is `degraded` while it is set.
+    failing: Arc<AtomicBool>,
 }
 
 impl Libvirt {
@@ -72,35 +134,46 @@ impl Libvirt {
             uri: uri.to_owned(),
             slots: (0..connections.max(1)).map(|_| Arc::default()).collect(),
             next: AtomicUsize::new(0),
+            failing: Arc::default(),
         }
     }
 
-    /// Runs `f` with a live connection on the blocking pool. A connection-level failure drops
-    /// the cached connection and retries once on a fresh one, so a libvirtd restart costs one
-    /// failed call at most.
+    /// Runs `f` with a live connection on the blocking pool. A failure on a connection
+    /// that is dead (whatever the error says) drops the connection with its handles and
+    /// retries once on a fresh one, so a libvirtd restart costs one failed call at most.
     async fn with_conn<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: Fn(&Connect) -> std::result::Result<T, VirtError> + Send + 'static,
     {
-        self.on_slot(op, move |_, c| f(c)).await
+        self.on_slot(op, move |_, c| f(&c.conn)).await
     }
 
     async fn on_slot<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: Fn(&Slot, &Connect) -> std::result::Result<T, VirtError> + Send + 'static,
+        F: Fn(&Slot, &Checkout) -> std::result::Result<T, VirtError> + Send + 'static,
+    {
+        let slot = self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()].clone();
+        self.on(slot, op, f).await
+    }
+
+    async fn on<T, F>(&self, slot: Arc<Slot>, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Slot, &Checkout) -> std::result::Result<T, VirtError> + Send + 'static,
     {
         let uri = self.uri.clone();
-        let slot = self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()].clone();
-        tokio::task::spawn_blocking(move || {
+        let failing = self.failing.clone();
+        let result = tokio::task::spawn_blocking(move || {
             let mut last = None;
             for _attempt in 0..2 {
-                let conn = checkout(&slot, &uri)?;
-                match f(&slot, &conn) {
+                let c = slot.checkout(&uri)?;
+                match f(&slot, &c) {
                     Ok(v) => return Ok(v),
-                    Err(e) if is_connection_error(&e) => {
-                        drop_connection(&slot);
+                    Err(e) if is_connection_error(&e) || !c.conn.is_alive().unwrap_or(false) => {
+                        tracing::debug!(op, error = %e, "libvirt connection lost; reconnecting");
+                        slot.drop_connection(c.generation);
                         last = Some(e);
                     }
                     Err(e) => return Err(classify(op, e)),
@@ -115,7 +188,13 @@ impl Libvirt {
         .map_err(|e| HypervisorError::Failed {
             op,
             message: format!("worker panicked: {e}"),
-        })?
+        })?;
+        if let Err(HypervisorError::Unavailable { message, .. }) = &result {
+            if !failing.swap(true, Ordering::Relaxed) {
+                tracing::warn!(op, error = %message, "libvirt is unreachable");
+            }
+        }
+        result
     }
 
     /// Like `with_conn` for one domain, mapping "no such domain" to `NoDomain`. A cached
@@ -151,31 +230,18 @@ impl Libvirt {
 
 const NO_DOMAIN_MARK: &str = "[no-domain] ";
 
-fn checkout(slot: &Slot, uri: &str) -> Result<Connect> {
-    let mut guard = slot.conn.lock().map_err(|_| HypervisorError::Unavailable {
-        uri: uri.to_owned(),
-        message: "connection mutex poisoned".into(),
-    })?;
-    if let Some(conn) = guard.as_ref() {
-        return Ok(conn.clone());
-    }
-    let conn = Connect::open(Some(uri)).map_err(|e| HypervisorError::Unavailable {
-        uri: uri.to_owned(),
-        message: e.message().to_owned(),
-    })?;
-    *guard = Some(conn.clone());
-    Ok(conn)
-}
-
-fn drop_connection(slot: &Slot) {
-    // The handles belong to the connection being dropped.
-    if let Ok(mut m) = slot.domains.lock() {
-        m.clear();
-    }
-    if let Ok(mut guard) = slot.conn.lock() {
-        // Dropping the last handle closes the connection.
-        guard.take();
-    }
+/// The security drivers libvirt confines QEMU with, from its capabilities document
+/// (`<host><secmodel><model>…`): `none` and `dac` do not keep one QEMU from another's disks.
+fn security_models(capabilities: &str) -> Vec<String> {
+    capabilities
+        .split("<secmodel>")
+        .skip(1)
+        .filter_map(|block| {
+            let block = block.split("</secmodel>").next()?;
+            let model = block.split("<model>").nth(1)?.split("</model>").next()?;
+            Some(model.trim().to_owned())
+        })
+        .collect()
 }
 
 fn is_connection_error(e: &VirtError) -> bool {
@@ -241,6 +307,26 @@ impl Hypervisor for Libvirt {
 
     async fn connected(&self) -> bool {
         self.with_conn("ping", |c| c.lib_version()).await.is_ok()
+    }
+
+    async fn probe(&self) -> Result<()> {
+        for slot in &self.slots {
+            self.on(slot.clone(), "ping", |_, c| c.conn.lib_version())
+                .await?;
+        }
+        self.failing.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    async fn confined(&self) -> Result<bool> {
+        let caps = self.with_conn("capabilities", |c| c.capabilities()).await?;
+        Ok(security_models(&caps)
+            .iter()
+            .any(|m| m == "apparmor" || m == "selinux"))
     }
 
     async fn versions(&self) -> Result<Versions> {
@@ -596,6 +682,19 @@ mod serial {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn security_models_are_read_from_the_capabilities() {
+        let caps = "<capabilities><host><secmodel>\n<model>none</model>\n<doi>0</doi>\n\
+                    </secmodel><secmodel><model>dac</model><doi>0</doi></secmodel></host>\
+                    </capabilities>";
+
+        assert_eq!(security_models(caps), vec!["none", "dac"]);
+        assert_eq!(
+            security_models("<secmodel><model>apparmor</model></secmodel>"),
+            vec!["apparmor"]
+        );
+    }
 
     #[test]
     fn packed_versions_unpack() {

@@ -99,6 +99,14 @@ pub trait Hypervisor: Send + Sync {
     fn uri(&self) -> &str;
     /// Whether a working connection exists (or can be made now).
     async fn connected(&self) -> bool;
+    /// One round trip on every pooled connection; the first failure if any fails.
+    async fn probe(&self) -> Result<()>;
+    /// Whether a call has found the hypervisor unreachable since the last probe that
+    /// reached it on every connection.
+    fn failing(&self) -> bool;
+    /// Whether each VM's QEMU is confined by a mandatory access control driver (AppArmor,
+    /// SELinux), so that one escaped guest cannot touch other VMs' disks.
+    async fn confined(&self) -> Result<bool>;
     async fn versions(&self) -> Result<Versions>;
     /// Defines (or redefines) a persistent domain from its XML.
     async fn define(&self, xml: String) -> Result<()>;

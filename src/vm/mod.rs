@@ -134,6 +134,27 @@ impl VmManager {
         &self.ctx.store
     }
 
+    /// Runs an operation on its own tokio task and waits for its result. A request whose
+    /// client disconnects is dropped by the HTTP server between two awaits; an operation
+    /// started here is not: it runs to its end (or its unwinding), and its journal row
+    /// ends `completed` or `failed`, whether anyone still waits for it or not.
+    pub async fn detached<T, F, Fut>(&self, op: F) -> Result<T, VmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(VmManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, VmError>> + Send + 'static,
+    {
+        match tokio::spawn(op(self.clone())).await {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::error!(error = %e, "an operation's task panicked");
+                Err(VmError::Internal(
+                    "the operation failed inside the agent".into(),
+                ))
+            }
+        }
+    }
+
     /// The report of the last startup reconciliation.
     pub fn reconciliation(&self) -> Option<Reconciliation> {
         self.ctx

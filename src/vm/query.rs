@@ -27,7 +27,14 @@ impl VmManager {
         if vm.state != VmRowState::Active {
             return VmStatus::derive(vm.state, None);
         }
-        let power = self.ctx.hv.power_state(vm.id).await.ok().flatten();
+        let power = match self.ctx.hv.power_state(vm.id).await {
+            Ok(p) => p,
+            Err(e) => {
+                // The status reads "unknown"; why is the operator's to see.
+                tracing::warn!(vps = %vm.id, error = %e, "cannot read the power state");
+                None
+            }
+        };
         VmStatus::derive(vm.state, power)
     }
 

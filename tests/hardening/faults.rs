@@ -52,6 +52,16 @@ fn stop_libvirtd() {
     }
 }
 
+/// SIGKILL, as a crash (or an impatient upgrade) ends it; its VMs keep running.
+fn crash_libvirtd() {
+    sh("pkill -9 -x libvirtd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while libvirtd_pid().is_some() {
+        assert!(Instant::now() < deadline, "libvirtd did not die");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn start_libvirtd(netns: &str) {
     let (ok, out) = sh(&format!("ip netns exec {netns} libvirtd -d"));
     assert!(ok, "restart libvirtd: {out}");
@@ -175,10 +185,114 @@ async fn libvirtd_restarting_under_a_serving_agent_and_a_running_task() {
         (200, json!("running"))
     );
 
+    bounced_three_times_under_load(&agent, &[&a, &b]).await;
+
     for id in [&a, &b] {
         let (s, r) = agent.delete(&format!("/v1/vms/{id}")).await;
         assert_eq!(s, 200, "{r}");
     }
+}
+
+/// libvirtd stopped and started three times in quick succession (a package upgrade, a
+/// crash loop) while requests run: within seconds every VM's power actions succeed again
+/// on every pooled connection, listings read real states, and health says `degraded` for
+/// as long as an action cannot reach libvirt.
+async fn bounced_three_times_under_load(agent: &Agent, vms: &[&str]) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for id in vms {
+        let (stop, url, token, id) = (
+            stop.clone(),
+            agent.url.clone(),
+            agent.token.clone(),
+            id.to_string(),
+        );
+        load.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap();
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                for path in [
+                    format!("/v1/vms/{id}/status"),
+                    "/v1/vms".to_owned(),
+                    format!("/v1/vms/{id}"),
+                ] {
+                    let _ = client
+                        .get(format!("{url}{path}"))
+                        .bearer_auth(&token)
+                        .send()
+                        .await;
+                }
+                let action = if n % 2 == 0 { "suspend" } else { "resume" };
+                let _ = client
+                    .post(format!("{url}/v1/vms/{id}/{action}"))
+                    .bearer_auth(&token)
+                    .json(&json!({}))
+                    .send()
+                    .await;
+                n += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let bounced = Instant::now();
+    for _ in 0..3 {
+        crash_libvirtd();
+        start_libvirtd(&agent.rig.netns);
+    }
+    eprintln!("libvirtd bounced three times in {:?}", bounced.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+
+    // Every pooled connection serves each VM: power actions, enough of them that each
+    // connection of the pool takes several (the pool is used in turn).
+    let rounds = 3 * 4;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut failures = Vec::new();
+    loop {
+        let mut failed = None;
+        'round: for _ in 0..rounds {
+            for id in vms {
+                for (action, want) in [("suspend", "suspended"), ("resume", "running")] {
+                    let (s, r) = agent
+                        .post(&format!("/v1/vms/{id}/{action}"), json!({}))
+                        .await;
+                    if (s, r["data"]["status"].clone()) != (200, json!(want)) {
+                        failed = Some(format!("{action} {id}: {s} {r}"));
+                        break 'round;
+                    }
+                }
+            }
+        }
+        let Some(why) = failed else { break };
+        // An action that cannot reach libvirt is mirrored by health at that moment.
+        let now = health(agent).await;
+        assert_eq!(now, "degraded", "health while `{why}` fails");
+        failures.push(why);
+        assert!(
+            Instant::now() < deadline,
+            "power actions still fail 20 s after libvirtd came back: {failures:?}\n{}",
+            agent.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "after the bounces: {} failed rounds before every action succeeded",
+        failures.len()
+    );
+    let (_, list) = agent.get("/v1/vms").await;
+    for vm in list["data"]["instances"].as_array().unwrap() {
+        assert_ne!(vm["status"], json!("unknown"), "{list}");
+    }
+    assert!(
+        wait_health(agent, "healthy", Duration::from_secs(10)).await,
+        "health is healthy again once every connection answers"
+    );
 }
 
 /// A small loop-mounted filesystem as the VM storage, removed on drop.

@@ -120,6 +120,8 @@ async fn twenty_vms_and_two_hundred_clients_for_sixty_seconds() {
             image_dir: Some(images.clone()),
             tasks_toml: Some("verify_connectivity = false\nmax_concurrent = 4".into()),
             extra_toml: "[capacity]\ncpu_overcommit = 16.0\n".into(),
+            // The 200 clients here share one address (loopback); a fleet's come from many.
+            env: vec![("HVNODE_API__MAX_CONNECTIONS_PER_PEER".into(), "256".into())],
             ..Default::default()
         },
     );
