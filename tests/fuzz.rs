@@ -480,7 +480,7 @@ proptest! {
         let _ = snapshots::description(Some(s.clone()));
         let _ = private_nets::network_name(&s);
         let _ = private::check_subnet(&s, &[]);
-        let _ = private::check_vni(n, &HashSet::new());
+        let _ = private::check_vni(&Default::default(), n, &HashSet::new());
         let _ = hvnode::api::extract::vm_id(&s);
         let _ = hvnode::api::extract::task_id(&s);
     }
@@ -528,7 +528,7 @@ proptest! {
         if let Ok(req) = parse_json::<CreateNetworkRequest>(&body) {
             let _ = req.name.as_deref().map(private_nets::network_name);
             let _ = req.subnet.as_deref().map(|s| private::check_subnet(s, &[]));
-            let _ = req.vni.map(|v| private::check_vni(v, &HashSet::new()));
+            let _ = req.vni.map(|v| private::check_vni(&Default::default(), v, &HashSet::new()));
         }
         let _ = parse_json::<AddIpRequest>(&body);
         let _ = parse_json::<MoveIpRequest>(&body);
@@ -597,9 +597,10 @@ proptest! {
 
     #[test]
     fn vnis_accepted_are_in_range_and_free(v in number(), taken in prop::collection::hash_set(0u32..70_000, 0..10)) {
-        if let Ok(vni) = private::check_vni(v, &taken) {
+        let config = hvnode::config::PrivateNetworkConfig::default();
+        if let Ok(vni) = private::check_vni(&config, v, &taken) {
             prop_assert_eq!(i64::from(vni), v);
-            prop_assert!((1..=16_777_215).contains(&vni));
+            prop_assert!((config.vni_first..=config.vni_last).contains(&vni));
             prop_assert!(!taken.contains(&vni));
         }
     }
@@ -813,6 +814,7 @@ fn domain_spec<'a>(title: &'a str, template_id: &'a str, nics: &'a [Nic<'a>]) ->
         ovmf_vars: Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd"),
         nvram: Path::new("/var/lib/hvnode/vms/x/nvram.fd"),
         disk: Path::new("/var/lib/hvnode/vms/x/disk.qcow2"),
+        backing: Some((Path::new("/var/lib/hvnode/images/t.qcow2"), "qcow2")),
         seed: Path::new("/var/lib/hvnode/vms/x/seed.img"),
         console_log: Path::new("/var/lib/hvnode/vms/x/console.log"),
         nics,

@@ -66,11 +66,18 @@ pub fn random_mac() -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
-/// Host-side name of a VM's tap: `vh` + 12 hex digits of its id + the NIC index (0 public,
-/// 1-9 private). 15 characters (IFNAMSIZ), unique per VM, recognisably ours.
-pub fn tap_name(vm: uuid::Uuid, nic: u8) -> String {
+/// Host-side name of a VM's tap: the two-character `network.tap_prefix` + 12 hex digits of
+/// its id + the NIC index (0 public, 1-9 private). 15 characters (IFNAMSIZ), recognisably
+/// ours; VMs whose ids share those 12 digits are refused at admission.
+pub fn tap_name(prefix: &str, vm: uuid::Uuid, nic: u8) -> String {
     let hex = vm.simple().to_string();
-    format!("vh{}{}", &hex[..12], nic % 10)
+    format!("{prefix}{}{}", &hex[..12], nic % 10)
+}
+
+/// The part of a VM's id its device names carry: two VMs sharing it would share taps,
+/// IFBs and filter chains.
+pub fn name_key(vm: uuid::Uuid) -> String {
+    vm.simple().to_string()[..12].to_owned()
 }
 
 /// The IFB device shaping a tap's uploads: `vb` + the same suffix.
@@ -206,8 +213,9 @@ impl NetworkManager {
                     .flat_map(|s| [private_bridge(s.vni), private_tunnel(s.vni)]),
             )
             .collect();
+        let vnis = self.config.private.vni_first..=self.config.private.vni_last;
         for name in before.iter().filter(|_| self.config.remove_leftovers) {
-            if is_ours(name) && !wanted.contains(name) {
+            if is_ours(name, &vnis) && !wanted.contains(name) {
                 match netlink::delete_link(&h, name).await {
                     Ok(_) => done.removed.push(name.clone()),
                     Err(e) => done.errors.push(format!("remove {name}: {e}")),
@@ -253,6 +261,9 @@ impl NetworkManager {
             }
             let plugged = async {
                 netlink::ensure_port(h, &nic.tap, &nic.bridge).await?;
+                if let Some(mac) = nft::parse_mac(&nic.mac) {
+                    netlink::harden_vm_port(h, &nic.tap, mac).await?;
+                }
                 match nic.bandwidth_mbps {
                     Some(mbps) => tc::limit(h, &nic.tap, &nic.ifb, mbps).await.map(|_| true),
                     None => tc::unlimit(h, &nic.tap, &nic.ifb).await.map(|_| false),
@@ -320,19 +331,41 @@ impl NetworkManager {
         Ok(())
     }
 
-    /// Rebuilds the anti-spoofing table from `desired`; returns the number of ports.
+    /// Rebuilds the anti-spoofing table from `desired`, and the VXLAN guard where private
+    /// networks ride VXLAN; returns the number of ports.
     pub async fn apply_filters(&self, desired: &DesiredNetwork) -> Result<usize, NetworkError> {
+        let table = &self.config.filter_table;
+        let p = &self.config.private;
         if !self.config.filter {
-            nft::Batch::remove_table(&self.config.filter_table)
+            nft::Batch::remove_table(table, nft::Family::Bridge)
+                .commit(&self.config.netns)
+                .await?;
+            nft::Batch::remove_table(table, nft::Family::Inet)
                 .commit(&self.config.netns)
                 .await?;
             return Ok(0);
         }
         let ports: Vec<nft::Port> = desired.nics.iter().filter_map(NicSpec::port).collect();
         let n = ports.len();
-        nft::Batch::rebuild(&self.config.filter_table, &ports)
+        nft::Batch::rebuild(table, &ports, &self.config.tap_prefix)
             .commit(&self.config.netns)
             .await?;
+        // Without an underlay this agent has no tunnel to guard (and in a namespace shared
+        // with other agents, a guard for its VNI range would cut theirs).
+        let guard = if p.underlay.is_empty() || !p.vlan_trunk.is_empty() {
+            nft::Batch::remove_table(table, nft::Family::Inet)
+        } else {
+            nft::Batch::vxlan_guard(
+                table,
+                &nft::VxlanGuard {
+                    underlay: p.underlay.clone(),
+                    peers: p.peers.clone(),
+                    vni_first: p.vni_first,
+                    vni_last: p.vni_last,
+                },
+            )
+        };
+        guard.commit(&self.config.netns).await?;
         Ok(n)
     }
 
@@ -379,16 +412,19 @@ impl NetworkManager {
 }
 
 /// Whether a link name is one hvnode makes: an IFB `vb` + 13 hex digits, a private bridge
-/// `hvp<vni>` or tunnel `hvx<vni>`. Anything else (an operator's `hvpn0`) is not ours.
-fn is_ours(name: &str) -> bool {
-    let suffix_is = |prefix: &str, ok: fn(&str) -> bool| {
-        name.strip_prefix(prefix)
-            .is_some_and(|rest| !rest.is_empty() && ok(rest))
-    };
-    suffix_is("vb", |r| {
-        r.len() == 13 && r.bytes().all(|b| b.is_ascii_hexdigit())
-    }) || suffix_is("hvp", |r| r.bytes().all(|b| b.is_ascii_digit()))
-        || suffix_is("hvx", |r| r.bytes().all(|b| b.is_ascii_digit()))
+/// `hvp<vni>` or tunnel `hvx<vni>` for a VNI of this agent's range. Anything else (an
+/// operator's `hvpn0`, another agent's network) is not ours.
+fn is_ours(name: &str, vnis: &std::ops::RangeInclusive<u32>) -> bool {
+    let ifb = name
+        .strip_prefix("vb")
+        .is_some_and(|r| r.len() == 13 && r.bytes().all(|b| b.is_ascii_hexdigit()));
+    let segment = ["hvp", "hvx"].iter().any(|p| {
+        name.strip_prefix(p)
+            .filter(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|r| r.parse::<u32>().ok())
+            .is_some_and(|vni| vnis.contains(&vni))
+    });
+    ifb || segment
 }
 
 async fn link_names(h: &rtnetlink::Handle) -> Result<HashSet<String>, NetworkError> {
@@ -407,9 +443,9 @@ mod tests {
     fn tap_and_ifb_names_fit_ifnamsiz() {
         let id = uuid::Uuid::new_v4();
 
-        assert_eq!(tap_name(id, 0).len(), 15);
+        assert_eq!(tap_name("vh", id, 0).len(), 15);
         assert_eq!(ifb_name(id, 3).len(), 15);
-        assert!(tap_name(id, 0).starts_with("vh"));
+        assert!(tap_name("vh", id, 0).starts_with("vh"));
         assert!(ifb_name(id, 0).starts_with("vb"));
         assert!(private_bridge(16_777_215).len() <= 15);
     }
@@ -417,14 +453,19 @@ mod tests {
     #[test]
     fn only_hvnode_device_names_count_as_leftovers() {
         let id = uuid::Uuid::new_v4();
+        let ours = 10000..=19999;
 
-        assert!(is_ours(&ifb_name(id, 0)));
-        assert!(is_ours(&private_bridge(10001)));
-        assert!(is_ours(&private_tunnel(10001)));
-        assert!(!is_ours("hvpn0"));
-        assert!(!is_ours("hvx"));
-        assert!(!is_ours("vboxnet0"));
-        assert!(!is_ours(&tap_name(id, 0)));
+        assert!(is_ours(&ifb_name(id, 0), &ours));
+        assert!(is_ours(&private_bridge(10001), &ours));
+        assert!(is_ours(&private_tunnel(10001), &ours));
+        assert!(
+            !is_ours(&private_bridge(20001), &ours),
+            "another agent's range"
+        );
+        assert!(!is_ours("hvpn0", &ours));
+        assert!(!is_ours("hvx", &ours));
+        assert!(!is_ours("vboxnet0", &ours));
+        assert!(!is_ours(&tap_name("vh", id, 0), &ours));
     }
 
     #[test]

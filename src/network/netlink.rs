@@ -11,14 +11,15 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 
 use futures_util::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE,
+    NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkIfb, LinkUnspec, LinkVlan, LinkVxlan};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkIfb, LinkUnspec, LinkVlan, LinkVxlan};
 
 use super::{netns, NetworkError};
 
@@ -128,6 +129,10 @@ pub async fn set_up(h: &Handle, index: u32) -> Result<()> {
 }
 
 /// Creates the bridge if absent, and brings it up. Returns its index.
+///
+/// The bridge snoops multicast and is a querier itself (where no other querier answers),
+/// so that VM ports, which get no unregistered multicast, still get what their guests
+/// joined: IPv6 neighbour discovery goes to solicited-node groups.
 pub async fn ensure_bridge(h: &Handle, name: &str) -> Result<u32> {
     if link(h, name).await?.is_none() {
         h.link()
@@ -136,9 +141,49 @@ pub async fn ensure_bridge(h: &Handle, name: &str) -> Result<u32> {
             .await
             .map_err(nl("create bridge"))?;
     }
+    h.link()
+        .change(
+            LinkBridge::new(name)
+                .mcast_snooping(true)
+                .mcast_querier(true)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(nl("configure bridge multicast"))?;
     let i = index(h, name).await?;
     set_up(h, i).await?;
     Ok(i)
+}
+
+/// Makes a VM's port one that cannot read other tenants' traffic: it learns nothing (so
+/// no frame from it moves an address), gets no unknown unicast and no unregistered
+/// multicast (broadcast stays, ARP needs it), and its MAC is a static, sticky entry so
+/// that traffic to the VM still finds it.
+pub async fn harden_vm_port(h: &Handle, port: &str, mac: [u8; 6]) -> Result<()> {
+    let p = index(h, port).await?;
+    h.link()
+        .set_port(
+            LinkBridgePort::new(p)
+                .learning(false)
+                .flood(false)
+                .mcast_flood(false)
+                .bcast_flood(true)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(nl("configure VM bridge port"))?;
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Bridge;
+    m.header.ifindex = p;
+    m.header.state = NeighbourState::Noarp;
+    m.header.flags = NeighbourFlags::Controller | NeighbourFlags::Sticky;
+    m.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(m));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    send(h, req, "add static fdb entry").await
 }
 
 /// Makes `port` a port of `bridge` (no-op when it already is) and brings it up.
@@ -183,7 +228,8 @@ pub async fn ensure_ifb(h: &Handle, name: &str) -> Result<u32> {
 }
 
 /// A VXLAN device for `vni` over `underlay`, sourced from `local`, enslaved to `bridge`.
-/// Re-created when it exists with another VNI.
+/// It learns nothing from what arrives (a forged frame must not move a MAC to its sender):
+/// its forwarding entries are the ones the agent writes.
 pub async fn ensure_vxlan(
     h: &Handle,
     name: &str,
@@ -196,9 +242,9 @@ pub async fn ensure_vxlan(
     let dev = index(h, underlay).await?;
     if link(h, name).await?.is_none() {
         let mut b = LinkVxlan::new(name, vni)
-            .port(4789)
+            .port(super::nft::VXLAN_PORT)
             .dev(dev)
-            .learning(true)
+            .learning(false)
             .mtu(mtu);
         b = match local {
             IpAddr::V4(a) => b.local(a),
@@ -209,6 +255,13 @@ pub async fn ensure_vxlan(
             .execute()
             .await
             .map_err(nl("create vxlan"))?;
+    } else {
+        // One an older agent made learning.
+        h.link()
+            .change(LinkVxlan::new(name, vni).learning(false).build())
+            .execute()
+            .await
+            .map_err(nl("configure vxlan"))?;
     }
     ensure_port(h, name, bridge).await?;
     index(h, name).await

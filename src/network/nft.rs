@@ -10,24 +10,44 @@
 //! table bridge hvnode
 //!   chain prerouting (hook prerouting, priority -200, policy accept)
 //!     iifname "<tap>" jump p_<tap>            one per VM NIC
-//!   set <tap>_v4 { the NIC's IPv4 addresses, 0.0.0.0 for ARP probes }
-//!   set <tap>_v6 { its IPv6 addresses, its EUI-64 link-local address, :: for DAD }
-//!   chain p_<tap>                              each rule counts and drops
+//!     iifname "<tap prefix>*" drop            fail closed: a VM port without a chain
+//!   set <tap>_v4 { the NIC's IPv4 addresses }
+//!   set <tap>_v6 { its IPv6 addresses and its EUI-64 link-local address }
+//!   chain p_<tap>                              each rule counts and drops; then accept
 //!     ether saddr != <mac>
-//!     ip saddr != @<tap>_v4
-//!     arp sha != <mac> ;  arp spa != @<tap>_v4
-//!     ip6 saddr != @<tap>_v6
+//!     ip saddr != 0.0.0.0 and not in @<tap>_v4
+//!     arp sha != <mac>
+//!     arp spa != 0.0.0.0 and not in @<tap>_v4
+//!     arp spa 0.0.0.0 (a probe) and tpa not in @<tap>_v4
+//!     ip6 saddr != :: and not in @<tap>_v6
+//!     icmpv6 neighbour solicitation from :: (DAD) for a target not in @<tap>_v6
 //!     icmpv6 neighbour advertisement with a target not in @<tap>_v6
 //!     icmpv6 router advertisement
 //!     ether type other than ip, arp, ip6 (VLAN tags included)
 //! ```
 //! Rules match the tap by name, so they exist before the tap does and survive its
-//! re-creation when the VM restarts. Traffic *to* a VM is not filtered here.
+//! re-creation when the VM restarts. Traffic *to* a VM is not filtered here. A port whose
+//! name carries this agent's tap prefix but which has no chain (a NIC the guest refused to
+//! give back, a VM the store no longer lists) drops everything: the table fails closed.
+//! Duplicate-address probes (ARP from 0.0.0.0, NS from ::) may only ask for the sender's own
+//! addresses, so no guest can knock a neighbour's address out.
+//!
+//! Where private networks ride VXLAN, a second table guards the tunnel's socket:
+//! ```text
+//! table inet hvnode
+//!   set peers4, peers6 { network.private.peers }
+//!   chain input (hook input, priority -200, policy accept)
+//!     udp dport 4789, VNI within vni_first..vni_last, iifname != <underlay>  drop
+//!     … ip saddr not in @peers4                                             drop
+//!     … ip6 saddr not in @peers6                                            drop
+//! ```
+//! so only the fabric speaks for this agent's private networks; VNIs outside its range are
+//! left alone (another agent's, or nobody's).
 //!
 //! Netlink batches are built with `netlink-packet-netfilter` and sent in one transaction
 //! (BEGIN … END): the kernel applies all of it or none of it.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 
 use netlink_packet_netfilter::nftables::{
@@ -49,6 +69,10 @@ use super::{netns, NetworkError};
 pub const TABLE: &str = "hvnode";
 const BASE_CHAIN: &str = "prerouting";
 
+const VXLAN_CHAIN: &str = "input";
+/// The VXLAN port the agent's tunnels listen on.
+pub const VXLAN_PORT: u16 = 4789;
+
 const PAYLOAD_LL: u32 = 0;
 const PAYLOAD_NETWORK: u32 = 1;
 const PAYLOAD_TRANSPORT: u32 = 2;
@@ -61,7 +85,11 @@ const ETH_IP: u16 = 0x0800;
 const ETH_ARP: u16 = 0x0806;
 const ETH_IP6: u16 = 0x86dd;
 const ICMPV6: u8 = 58;
+const UDP: u8 = 17;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
 const ND_ROUTER_ADVERT: u8 = 134;
+const ND_NEIGHBOR_SOLICIT: u8 = 135;
 const ND_NEIGHBOR_ADVERT: u8 = 136;
 
 /// One VM NIC as the filter sees it.
@@ -87,13 +115,11 @@ impl Port {
         format!("p_{}", self.tap)
     }
 
-    /// The addresses a NIC may send from: its own, plus the unspecified addresses of ARP
-    /// probes and IPv6 duplicate address detection, plus its EUI-64 link-local address.
+    /// The addresses a NIC may send from (and probe for): its own, plus its EUI-64
+    /// link-local address. The unspecified addresses are handled by the rules.
     fn allowed(&self) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let mut v4: Vec<Vec<u8>> = self.v4.iter().map(|a| a.octets().to_vec()).collect();
-        v4.push(Ipv4Addr::UNSPECIFIED.octets().to_vec());
         let mut v6: Vec<Vec<u8>> = self.v6.iter().map(|a| a.octets().to_vec()).collect();
-        v6.push(Ipv6Addr::UNSPECIFIED.octets().to_vec());
         v6.push(link_local(self.mac).octets().to_vec());
         v4.sort();
         v4.dedup();
@@ -187,6 +213,10 @@ fn drop() -> Expr {
     verdict(vec![VerdictAttribute::Code(Verdict::Other(NF_DROP))])
 }
 
+fn accept() -> Expr {
+    verdict(vec![VerdictAttribute::Code(Verdict::Other(NF_ACCEPT))])
+}
+
 fn ethertype(t: u16) -> Vec<Expr> {
     vec![
         payload(PAYLOAD_LL, 12, 2),
@@ -212,11 +242,18 @@ fn iifname(name: &str) -> Vec<Expr> {
 /// The match parts of a port's drop rules (each is followed by counter + drop).
 fn port_rules(p: &Port) -> Vec<Vec<Expr>> {
     let (s4, s6) = (p.set4(), p.set6());
+    let any4 = Ipv4Addr::UNSPECIFIED.octets();
+    let any6 = Ipv6Addr::UNSPECIFIED.octets();
     vec![
         vec![payload(PAYLOAD_LL, 6, 6), cmp(Operator::NotEqual, &p.mac)],
+        // IPv4 from another address (0.0.0.0 is a DHCP client's).
         [
             ethertype(ETH_IP),
-            vec![payload(PAYLOAD_NETWORK, 12, 4), not_in(&s4)],
+            vec![
+                payload(PAYLOAD_NETWORK, 12, 4),
+                cmp(Operator::NotEqual, &any4),
+                not_in(&s4),
+            ],
         ]
         .concat(),
         [
@@ -227,14 +264,46 @@ fn port_rules(p: &Port) -> Vec<Vec<Expr>> {
             ],
         ]
         .concat(),
+        // ARP from another address…
         [
             ethertype(ETH_ARP),
-            vec![payload(PAYLOAD_NETWORK, 14, 4), not_in(&s4)],
+            vec![
+                payload(PAYLOAD_NETWORK, 14, 4),
+                cmp(Operator::NotEqual, &any4),
+                not_in(&s4),
+            ],
         ]
         .concat(),
+        // …or a probe (sender 0.0.0.0) for an address that is not the NIC's.
+        [
+            ethertype(ETH_ARP),
+            vec![
+                payload(PAYLOAD_NETWORK, 14, 4),
+                cmp(Operator::Equal, &any4),
+                payload(PAYLOAD_NETWORK, 24, 4),
+                not_in(&s4),
+            ],
+        ]
+        .concat(),
+        // IPv6 from another address (:: is duplicate address detection's).
         [
             ethertype(ETH_IP6),
-            vec![payload(PAYLOAD_NETWORK, 8, 16), not_in(&s6)],
+            vec![
+                payload(PAYLOAD_NETWORK, 8, 16),
+                cmp(Operator::NotEqual, &any6),
+                not_in(&s6),
+            ],
+        ]
+        .concat(),
+        // A DAD probe (solicitation from ::) for an address that is not the NIC's.
+        [
+            icmpv6_type(ND_NEIGHBOR_SOLICIT),
+            vec![
+                payload(PAYLOAD_NETWORK, 8, 16),
+                cmp(Operator::Equal, &any6),
+                payload(PAYLOAD_TRANSPORT, 8, 16),
+                not_in(&s6),
+            ],
         ]
         .concat(),
         [
@@ -252,17 +321,64 @@ fn port_rules(p: &Port) -> Vec<Vec<Expr>> {
     ]
 }
 
+/// `iifname "<prefix>*"`: a name comparison on the prefix's bytes only.
+fn iifname_prefix(prefix: &str) -> Vec<Expr> {
+    vec![
+        meta(MetaKey::Iifname),
+        cmp(Operator::Equal, prefix.as_bytes()),
+    ]
+}
+
+/// Who may send VXLAN to this host for this agent's networks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanGuard {
+    /// The underlay interface; VXLAN arriving on any other is dropped.
+    pub underlay: String,
+    pub peers: Vec<IpAddr>,
+    pub vni_first: u32,
+    pub vni_last: u32,
+}
+
+/// The match of VXLAN datagrams for a VNI within `first..=last`.
+fn vxlan_in_range(first: u32, last: u32) -> Vec<Expr> {
+    let vni = |v: u32| v.to_be_bytes()[1..].to_vec();
+    vec![
+        meta(MetaKey::L4Proto),
+        cmp(Operator::Equal, &[UDP]),
+        payload(PAYLOAD_TRANSPORT, 2, 2),
+        cmp(Operator::Equal, &VXLAN_PORT.to_be_bytes()),
+        // The VNI: 24 bits, 4 bytes into the VXLAN header after the 8-byte UDP header.
+        payload(PAYLOAD_TRANSPORT, 12, 3),
+        cmp(Operator::GreatherThanEqual, &vni(first)),
+        cmp(Operator::LessThanEqual, &vni(last)),
+    ]
+}
+
 /// The messages of one nf_tables transaction on one table.
 pub struct Batch {
     table: String,
+    family: NetfilterProtoFamily,
     msgs: Vec<NetlinkMessage<NetfilterMessage>>,
     next_id: u32,
 }
 
+/// Which of the agent's two tables a batch is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Anti-spoofing on VM ports.
+    Bridge,
+    /// The VXLAN guard.
+    Inet,
+}
+
 impl Batch {
-    fn new(table: &str) -> Batch {
+    fn new(table: &str, family: Family) -> Batch {
         Batch {
             table: table.to_owned(),
+            family: match family {
+                Family::Bridge => NetfilterProtoFamily::Bridge,
+                Family::Inet => NetfilterProtoFamily::Inet,
+            },
             msgs: Vec::new(),
             next_id: 0,
         }
@@ -270,7 +386,7 @@ impl Batch {
 
     fn push(&mut self, inner: NfTablesMessage, flags: u16) {
         let mut m = NetlinkMessage::from(NetfilterMessage::new(
-            NetfilterHeader::new(NetfilterProtoFamily::Bridge, 0, 0),
+            NetfilterHeader::new(self.family, 0, 0),
             inner,
         ));
         m.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
@@ -296,16 +412,16 @@ impl Batch {
         }
     }
 
-    fn chain(&mut self, name: &str, hook: bool) {
+    fn chain(&mut self, name: &str, hook: Option<InetHookNumber>) {
         let mut attributes = vec![
             ChainAttribute::Table(self.table.clone()),
             ChainAttribute::Name(name.into()),
         ];
-        if hook {
+        if let Some(hook) = hook {
             attributes.push(ChainAttribute::Type("filter".into()));
             attributes.push(ChainAttribute::Policy(NF_ACCEPT));
             attributes.push(ChainAttribute::Hook(vec![
-                Hook::Number(InetHookNumber::PreRouting.into()),
+                Hook::Number(hook.into()),
                 Hook::Priority(-200i32 as u32),
             ]));
         }
@@ -380,14 +496,15 @@ impl Batch {
         );
     }
 
-    /// The whole table for `ports`, replacing whatever table was there.
-    pub fn rebuild(table: &str, ports: &[Port]) -> Batch {
-        let mut b = Batch::new(table);
+    /// The whole table for `ports`, replacing whatever table was there. Ports named with
+    /// `tap_prefix` that are not among `ports` drop everything.
+    pub fn rebuild(table: &str, ports: &[Port], tap_prefix: &str) -> Batch {
+        let mut b = Batch::new(table, Family::Bridge);
         // Create-then-delete makes the delete valid whether or not the table existed.
         b.table(false);
         b.table(true);
         b.table(false);
-        b.chain(BASE_CHAIN, true);
+        b.chain(BASE_CHAIN, Some(InetHookNumber::PreRouting));
         for p in ports {
             let (v4, v6) = p.allowed();
             b.set(&p.set4(), KEY_IPV4, 4);
@@ -395,22 +512,83 @@ impl Batch {
             b.elements(&p.set4(), v4);
             b.elements(&p.set6(), v6);
             let chain = p.chain();
-            b.chain(&chain, false);
+            b.chain(&chain, None);
             for r in port_rules(p) {
                 b.rule(&chain, [r, vec![counter(), drop()]].concat());
             }
+            // What passed every rule is the port's own traffic: accepted here, so it does
+            // not fall through to the fail-closed rule after the jump returns.
+            b.rule(&chain, vec![accept()]);
             let jump = verdict(vec![
                 VerdictAttribute::Code(Verdict::Jump),
                 VerdictAttribute::Chain(chain.clone()),
             ]);
             b.rule(BASE_CHAIN, [iifname(&p.tap), vec![jump]].concat());
         }
+        // A port that jumped to its chain and passed it was accepted there; whatever
+        // reaches this rule from a VM port had no chain.
+        b.rule(
+            BASE_CHAIN,
+            [iifname_prefix(tap_prefix), vec![counter(), drop()]].concat(),
+        );
+        b
+    }
+
+    /// The VXLAN guard's table, replacing whatever was there.
+    pub fn vxlan_guard(table: &str, guard: &VxlanGuard) -> Batch {
+        let mut b = Batch::new(table, Family::Inet);
+        b.table(false);
+        b.table(true);
+        b.table(false);
+        b.chain(VXLAN_CHAIN, Some(InetHookNumber::LocalIn));
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for p in &guard.peers {
+            match p {
+                IpAddr::V4(a) => v4.push(a.octets().to_vec()),
+                IpAddr::V6(a) => v6.push(a.octets().to_vec()),
+            }
+        }
+        b.set("peers4", KEY_IPV4, 4);
+        b.set("peers6", KEY_IPV6, 16);
+        b.elements("peers4", v4);
+        b.elements("peers6", v6);
+        let vxlan = vxlan_in_range(guard.vni_first, guard.vni_last);
+        let mut underlay = guard.underlay.as_bytes().to_vec();
+        underlay.push(0);
+        let drop_if = |b: &mut Batch, m: Vec<Expr>| {
+            b.rule(
+                VXLAN_CHAIN,
+                [vxlan.clone(), m, vec![counter(), drop()]].concat(),
+            )
+        };
+        drop_if(
+            &mut b,
+            vec![meta(MetaKey::Iifname), cmp(Operator::NotEqual, &underlay)],
+        );
+        drop_if(
+            &mut b,
+            vec![
+                meta(MetaKey::Nfproto),
+                cmp(Operator::Equal, &[NFPROTO_IPV4]),
+                payload(PAYLOAD_NETWORK, 12, 4),
+                not_in("peers4"),
+            ],
+        );
+        drop_if(
+            &mut b,
+            vec![
+                meta(MetaKey::Nfproto),
+                cmp(Operator::Equal, &[NFPROTO_IPV6]),
+                payload(PAYLOAD_NETWORK, 8, 16),
+                not_in("peers6"),
+            ],
+        );
         b
     }
 
     /// Replaces the allowed addresses of an existing port.
     pub fn addresses(table: &str, port: &Port) -> Batch {
-        let mut b = Batch::new(table);
+        let mut b = Batch::new(table, Family::Bridge);
         let (v4, v6) = port.allowed();
         b.flush_set(&port.set4());
         b.flush_set(&port.set6());
@@ -420,8 +598,8 @@ impl Batch {
     }
 
     /// Deletes the table (and every rule in it).
-    pub fn remove_table(table: &str) -> Batch {
-        let mut b = Batch::new(table);
+    pub fn remove_table(table: &str, family: Family) -> Batch {
+        let mut b = Batch::new(table, family);
         b.table(false);
         b.table(true);
         b
@@ -545,11 +723,11 @@ mod tests {
     }
 
     #[test]
-    fn allowed_addresses_add_probes_and_link_local() {
+    fn allowed_addresses_are_the_nics_own_and_its_link_local() {
         let (v4, v6) = port().allowed();
 
-        assert_eq!(v4, vec![vec![0, 0, 0, 0], vec![203, 0, 113, 10]]);
-        assert_eq!(v6.len(), 2);
+        assert_eq!(v4, vec![vec![203, 0, 113, 10]]);
+        assert_eq!(v6, vec![link_local(port().mac).octets().to_vec()]);
     }
 
     #[test]
@@ -563,11 +741,28 @@ mod tests {
                     ..port()
                 },
             ],
+            "vh",
         );
 
         // 3 table messages + base chain, then per port: 2 sets, 2 element lists, a chain,
-        // 8 drop rules and the jump.
-        assert_eq!(batch.len(), 4 + 2 * (2 + 2 + 1 + 8 + 1));
+        // 10 drop rules, the accept and the jump; then the fail-closed rule.
+        assert_eq!(batch.len(), 4 + 2 * (2 + 2 + 1 + 10 + 1 + 1) + 1);
+    }
+
+    #[test]
+    fn the_vxlan_guard_holds_its_peers_and_three_drop_rules() {
+        let batch = Batch::vxlan_guard(
+            TABLE,
+            &VxlanGuard {
+                underlay: "eth1".into(),
+                peers: vec!["192.0.2.2".parse().unwrap(), "2001:db8::2".parse().unwrap()],
+                vni_first: 100,
+                vni_last: 199,
+            },
+        );
+
+        // 3 table messages + chain, 2 sets, 2 element lists, 3 rules.
+        assert_eq!(batch.len(), 4 + 2 + 2 + 3);
     }
 
     #[test]
@@ -579,7 +774,7 @@ mod tests {
 
     #[test]
     fn a_batch_serializes_between_begin_and_end() {
-        let (buf, acks) = Batch::remove_table(TABLE).serialize();
+        let (buf, acks) = Batch::remove_table(TABLE, Family::Bridge).serialize();
 
         assert_eq!(acks, 2);
         // Four netlink messages, each starting with its length.

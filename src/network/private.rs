@@ -26,8 +26,8 @@ pub enum AllocError {
     NoVni(u32, u32),
     #[error("VNI {0} is already used by another private network")]
     VniInUse(u32),
-    #[error("VNI {0} is outside 1..=16777215")]
-    BadVni(i64),
+    #[error("VNI {0} is outside this node's range {1}..={2} (network.private.vni_first..vni_last); VNIs are allocated by the control plane across the fleet")]
+    BadVni(i64, u32, u32),
     #[error("subnet {0} has no free address left")]
     Full(IpNetwork),
 }
@@ -71,9 +71,15 @@ pub fn next_subnet(
         .ok_or(no_subnet)
 }
 
-pub fn check_vni(v: i64, taken: &HashSet<u32>) -> Result<u32, AllocError> {
-    if !(1..=16_777_215).contains(&v) {
-        return Err(AllocError::BadVni(v));
+/// Validates a VNI a client asked for: within this node's range (a VNI outside it could
+/// join another tenant's network elsewhere in the fleet) and not taken.
+pub fn check_vni(
+    config: &PrivateNetworkConfig,
+    v: i64,
+    taken: &HashSet<u32>,
+) -> Result<u32, AllocError> {
+    if !(config.vni_first as i64..=config.vni_last as i64).contains(&v) {
+        return Err(AllocError::BadVni(v, config.vni_first, config.vni_last));
     }
     let v = v as u32;
     if taken.contains(&v) {
@@ -181,11 +187,19 @@ mod tests {
         let taken = HashSet::from([100, 101]);
 
         assert_eq!(next_vni(&config(), &taken), Ok(102));
-        assert_eq!(check_vni(101, &taken), Err(AllocError::VniInUse(101)));
-        assert_eq!(check_vni(0, &taken), Err(AllocError::BadVni(0)));
         assert_eq!(
-            check_vni(16_777_216, &taken),
-            Err(AllocError::BadVni(16_777_216))
+            check_vni(&config(), 101, &taken),
+            Err(AllocError::VniInUse(101))
+        );
+        assert_eq!(check_vni(&config(), 102, &taken), Ok(102));
+        assert_eq!(
+            check_vni(&config(), 0, &taken),
+            Err(AllocError::BadVni(0, 100, 102))
+        );
+        assert_eq!(
+            check_vni(&config(), 103, &taken),
+            Err(AllocError::BadVni(103, 100, 102)),
+            "outside the node's range"
         );
     }
 

@@ -190,9 +190,19 @@ pub fn mac_taken(conn: &Connection, mac: &str) -> Result<bool> {
 
 /// Moves an address from one VM to another in one statement: there is no moment at which
 /// both own it. Returns whether the address belonged to `from`.
+/// Marks `vps_id`'s address as being released (see `IpAllocation::releasing`); a no-op
+/// when it is no longer the VM's.
+pub fn mark_releasing(conn: &Connection, address: IpAddr, vps_id: Uuid) -> Result<()> {
+    conn.execute(
+        "UPDATE ip_allocations SET releasing = 1 WHERE address = ?1 AND vps_id = ?2",
+        params![address.to_string(), vps_id.to_string()],
+    )?;
+    Ok(())
+}
+
 pub fn reassign_ip(conn: &Connection, address: IpAddr, from: Uuid, to: Uuid) -> Result<bool> {
     let n = conn.execute(
-        "UPDATE ip_allocations SET vps_id = ?3 WHERE address = ?1 AND vps_id = ?2",
+        "UPDATE ip_allocations SET vps_id = ?3, releasing = 0 WHERE address = ?1 AND vps_id = ?2",
         params![address.to_string(), from.to_string(), to.to_string()],
     )?;
     Ok(n == 1)

@@ -3,9 +3,16 @@
 //! Each change is a task on the VM (both VMs, for a move). The store is the truth: an
 //! address is taken in the same transaction that records the task, and a move is one
 //! `UPDATE` of its owner, so at no moment do two VMs own it. Then the host follows (the
-//! anti-spoofing sets: the source's shrinks before the target's grows) and the guest
-//! follows: its cloud-init network config is rewritten (applied at every boot), and when
-//! its agent answers the address is added or removed live, with a gratuitous ARP.
+//! anti-spoofing sets) and the guest follows: its cloud-init network config is rewritten
+//! (applied at every boot), and when its agent answers the address is added or removed
+//! live, with a gratuitous ARP.
+//!
+//! Taking an address away runs in the other order, because the guest decides how long its
+//! part takes (a stalled agent holds a step for tens of seconds): the address is first
+//! marked `releasing` (still held, so nobody else can be given it, but no longer in the
+//! VM's filter or seed), then the VM's filter lets go of it, then the guest, and only then
+//! is it freed (remove) or given to its new owner (move). At no moment can a VM send from
+//! an address that another VM holds.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -85,15 +92,18 @@ pub struct IpMoved {
 
 const ADD_STEPS: &[&str] = &["allocate_ip", "update_filter", "update_guest"];
 const REMOVE_STEPS: &[&str] = &[
-    "release_ip",
-    "update_guest",
+    "mark_releasing",
     "update_filter",
+    "update_guest",
     "forget_neighbour",
+    "release_ip",
 ];
 const MOVE_STEPS: &[&str] = &[
+    "mark_releasing",
+    "update_source_filter",
     "remove_from_source",
     "reassign",
-    "update_filters",
+    "update_target_filter",
     "forget_neighbour",
     "add_to_target",
 ];
@@ -477,29 +487,36 @@ impl IpOp {
                     _ => Err(VmError::Ip(IpamError::InUse(address))),
                 }
             }
-            (IpOpKind::Add, "update_filter") | (IpOpKind::Remove, "update_filter") => {
-                self.filter(vm).await
-            }
+            (IpOpKind::Add, "update_filter")
+            | (IpOpKind::Remove, "update_filter")
+            | (IpOpKind::Move, "update_source_filter") => self.filter(vm).await,
             (IpOpKind::Add, "update_guest") => {
                 self.seed(vm).await?;
                 let live = self.guest_add(vm).await?;
                 self.live.store(live, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
-            (IpOpKind::Remove, "release_ip") => Ok(ctx
+            (IpOpKind::Remove | IpOpKind::Move, "mark_releasing") => Ok(ctx
                 .store
-                .call(move |c| store::networks::delete_ip(c, address, vm))
+                .call(move |c| store::networks::mark_releasing(c, address, vm))
                 .await?),
             (IpOpKind::Remove, "update_guest") => {
                 self.seed(vm).await?;
                 self.guest_remove(vm).await
             }
+            (IpOpKind::Remove, "release_ip") => Ok(ctx
+                .store
+                .call(move |c| store::networks::delete_ip(c, address, vm))
+                .await?),
             (IpOpKind::Remove | IpOpKind::Move, "forget_neighbour") => ctx
                 .net
                 .forget_neighbour(address)
                 .await
                 .map_err(|e| VmError::Internal(e.to_string())),
-            (IpOpKind::Move, "remove_from_source") => self.guest_remove(vm).await,
+            (IpOpKind::Move, "remove_from_source") => {
+                self.seed(vm).await?;
+                self.guest_remove(vm).await
+            }
             (IpOpKind::Move, "reassign") => {
                 let target = self.target.expect("a move has a target");
                 let moved = ctx
@@ -516,14 +533,11 @@ impl IpOp {
                     Err(VmError::IpNotFound(address.to_string()))
                 }
             }
-            (IpOpKind::Move, "update_filters") => {
-                // The source stops being allowed before the target starts.
-                self.filter(vm).await?;
+            (IpOpKind::Move, "update_target_filter") => {
                 self.filter(self.target.expect("a move has a target")).await
             }
             (IpOpKind::Move, "add_to_target") => {
                 let target = self.target.expect("a move has a target");
-                self.seed(vm).await?;
                 self.seed(target).await?;
                 let live = self.guest_add(target).await?;
                 self.live.store(live, std::sync::atomic::Ordering::Relaxed);

@@ -32,7 +32,7 @@ impl VmNet {
 
 pub(crate) fn public_nic(ctx: &Ctx, vm: &VmRow, addresses: Vec<IpAddr>) -> NicSpec {
     NicSpec {
-        tap: network::tap_name(vm.id, 0),
+        tap: network::tap_name(&ctx.config.network.tap_prefix, vm.id, 0),
         ifb: network::ifb_name(vm.id, 0),
         mac: vm.mac.clone(),
         bridge: ctx.config.network.bridge.clone(),
@@ -41,9 +41,9 @@ pub(crate) fn public_nic(ctx: &Ctx, vm: &VmRow, addresses: Vec<IpAddr>) -> NicSp
     }
 }
 
-pub(crate) fn private_nic(vm: Uuid, m: &MemberRow, n: &NetworkRow) -> NicSpec {
+pub(crate) fn private_nic(prefix: &str, vm: Uuid, m: &MemberRow, n: &NetworkRow) -> NicSpec {
     NicSpec {
-        tap: network::tap_name(vm, m.nic),
+        tap: network::tap_name(prefix, vm, m.nic),
         ifb: network::ifb_name(vm, m.nic),
         mac: m.mac.clone(),
         bridge: network::private_bridge(n.vni),
@@ -61,7 +61,7 @@ pub(crate) async fn load(ctx: &Ctx, vm: &VmRow) -> Result<VmNet, VmError> {
             Ok((
                 store::vms::ip_allocations(c)?
                     .into_iter()
-                    .filter(|a| a.vps_id == id)
+                    .filter(|a| a.vps_id == id && a.usable())
                     .collect::<Vec<_>>(),
                 store::networks::members_of_vm(c, id)?,
                 store::networks::networks(c)?,
@@ -75,7 +75,7 @@ pub(crate) async fn load(ctx: &Ctx, vm: &VmRow) -> Result<VmNet, VmError> {
         .into_iter()
         .filter_map(|m| {
             let n = networks.iter().find(|n| n.id == m.network_id)?.clone();
-            let spec = private_nic(id, &m, &n);
+            let spec = private_nic(&ctx.config.network.tap_prefix, id, &m, &n);
             Some((m, n, spec))
         })
         .collect();
@@ -111,13 +111,14 @@ pub(crate) async fn desired(ctx: &Ctx, exclude: &[Uuid]) -> Result<DesiredNetwor
     {
         let addresses = ips
             .iter()
-            .filter(|a| a.vps_id == vm.id)
+            .filter(|a| a.vps_id == vm.id && a.usable())
             .map(|a| a.address)
             .collect();
         out.nics.push(public_nic(ctx, vm, addresses));
         for m in members.iter().filter(|m| m.vps_id == vm.id) {
             if let Some(n) = networks.iter().find(|n| n.id == m.network_id) {
-                out.nics.push(private_nic(vm.id, m, n));
+                out.nics
+                    .push(private_nic(&ctx.config.network.tap_prefix, vm.id, m, n));
             }
         }
     }
@@ -125,9 +126,9 @@ pub(crate) async fn desired(ctx: &Ctx, exclude: &[Uuid]) -> Result<DesiredNetwor
 }
 
 fn net_err(op: Op) -> impl Fn(network::NetworkError) -> VmError {
-    move |e| VmError::Failed {
+    move |e| VmError::Host {
         op,
-        message: e.to_string(),
+        detail: e.to_string(),
     }
 }
 
@@ -266,7 +267,10 @@ pub(crate) async fn guest_script(
                         .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
                         .map(|b| String::from_utf8_lossy(&b).into_owned())
                         .unwrap_or_default();
-                    tracing::warn!(vps = %id, code, stderr = %err.trim(), "guest script failed");
+                    // The guest wrote it: bounded, and logged escaped (a newline must not
+                    // forge a log line).
+                    let err = truncate(err.trim(), GUEST_OUTPUT_LOGGED);
+                    tracing::warn!(vps = %id, code, stderr = ?err, "guest script failed");
                 }
                 return Ok(Some(code));
             }
@@ -276,6 +280,18 @@ pub(crate) async fn guest_script(
             _ => return Ok(None),
         }
     }
+}
+
+/// How much of what a guest wrote the log keeps.
+const GUEST_OUTPUT_LOGGED: usize = 512;
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// A shell word for a value we generated (addresses, MACs, names): checked, not escaped.

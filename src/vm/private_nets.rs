@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -219,7 +220,7 @@ impl VmManager {
                 let vnis: HashSet<u32> = existing.iter().map(|n| n.vni).collect();
                 let subnets: Vec<_> = existing.iter().map(|n| n.subnet).collect();
                 let vni = match requested_vni {
-                    Some(v) => private::check_vni(v, &vnis),
+                    Some(v) => private::check_vni(&config, v, &vnis),
                     None => private::next_vni(&config, &vnis),
                 };
                 let subnet = match &requested_subnet {
@@ -250,7 +251,7 @@ impl VmManager {
                 ctx.store
                     .call(move |c| store::networks::delete_network(c, id))
                     .await?;
-                return Err(VmError::NetworkFailed(e.to_string()));
+                return Err(VmError::network(e));
             }
             tracing::info!(network = %row.id, vni = row.vni, subnet = %row.subnet, "private network created");
         }
@@ -283,7 +284,7 @@ impl VmManager {
         ctx.net
             .remove_segment(row.vni)
             .await
-            .map_err(|e| VmError::NetworkFailed(e.to_string()))?;
+            .map_err(VmError::network)?;
         tracing::info!(network = %id, "private network deleted");
         Ok(serde_json::json!({ "deleted": true, "id": id }))
     }
@@ -469,6 +470,7 @@ impl NicOp {
             escape(&self.member.mac),
             escape(&crate::network::private_bridge(vni)),
             escape(&crate::network::tap_name(
+                &self.ctx.config.network.tap_prefix,
                 self.member.vps_id,
                 self.member.nic
             )),
@@ -507,7 +509,7 @@ impl NicOp {
     }
 
     fn net_err(e: crate::network::NetworkError) -> VmError {
-        VmError::NetworkFailed(e.to_string())
+        VmError::network(e)
     }
 
     async fn step(&self, step: &'static str) -> Result<(), VmError> {
@@ -564,6 +566,25 @@ impl NicOp {
                         .detach_device_live(vm_id, self.nic_xml(n.vni))
                         .await
                         .map_err(|e| VmError::hypervisor(Op::Network, e))?;
+                    // libvirt returns once the removal was *requested*; the guest decides
+                    // when (and whether) it lets go. Until the NIC is gone from the live
+                    // domain, its membership and filter must stay.
+                    let timeout = Duration::from_secs(ctx.config.network.unplug_timeout_s);
+                    let deadline = tokio::time::Instant::now() + timeout;
+                    while self.running().await? && self.plugged().await? {
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(VmError::Failed {
+                                op: Op::Network,
+                                message: format!(
+                                    "the guest did not release its private NIC within {} s \
+                                     (network.unplug_timeout_s); the membership stays, try \
+                                     again",
+                                    timeout.as_secs()
+                                ),
+                            });
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
                 }
                 Ok(())
             }
@@ -575,7 +596,12 @@ impl NicOp {
                 let vm = ctx.vm(vm_id).await?;
                 define(ctx, &vm, Op::Network).await?;
                 write_seed(ctx, &vm).await?;
-                let nic = net::private_nic(vm_id, &self.member, &self.network().await?);
+                let nic = net::private_nic(
+                    &ctx.config.network.tap_prefix,
+                    vm_id,
+                    &self.member,
+                    &self.network().await?,
+                );
                 ctx.net.remove_nic(&nic).await.map_err(Self::net_err)
             }
             other => Err(VmError::Internal(format!("unknown NIC step {other}"))),

@@ -69,8 +69,12 @@ pub struct Agent {
     pub log_path: PathBuf,
     /// Where its VMs' directories are.
     pub vm_dir: PathBuf,
-    /// The agent's nftables table (bridge family).
+    /// The agent's nftables tables (bridge family, and inet for its VXLAN guard).
     pub filter_table: String,
+    /// The first two characters of its VMs' tap names (`network.tap_prefix`), its own in
+    /// the shared rig: its filter drops whatever arrives on a port with this prefix that
+    /// has no chain.
+    pub tap_prefix: String,
     child: Option<Child>,
     env: Vec<(String, String)>,
     client: reqwest::Client,
@@ -108,6 +112,18 @@ impl Default for AgentOptions {
     }
 }
 
+/// A tap prefix no other agent of this test process uses (`k` + one of 36 characters).
+fn next_tap_prefix() -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let chars = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    assert!(
+        n < chars.len(),
+        "more agents than tap prefixes in one test run"
+    );
+    format!("k{}", chars[n] as char)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -134,6 +150,7 @@ impl Agent {
         let config_path = dir.join("config.toml");
         let net = rig.gateway.rsplit_once('.').unwrap().0.to_string();
         let filter_table = format!("hv_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let tap_prefix = next_tap_prefix();
         let config = format!(
             r#"[api]
 listen = "127.0.0.1:{port}"
@@ -143,6 +160,8 @@ token_sha256 = ["{hash}"]
 [libvirt]
 accelerator = "tcg"
 cpu_mode = ""
+# The rig has no AppArmor or SELinux for QEMU.
+require_confinement = false
 
 [storage]
 image_dir = "{images}"
@@ -155,6 +174,7 @@ bridge = "{bridge}"
 # Several agents share the rig: each filters its own taps in its own table, and none
 # removes devices it does not know (they may be another agent's).
 filter_table = "{filter_table}"
+tap_prefix = "{tap_prefix}"
 remove_leftovers = {leftovers}
 
 [tasks]
@@ -200,6 +220,7 @@ dns = ["{gw}"]
             config_path,
             dir,
             filter_table,
+            tap_prefix,
             child: None,
             env: opts.env,
             client: reqwest::Client::builder()
@@ -259,6 +280,11 @@ dns = ["{gw}"]
             "agent did not listen within 30 s:\n{}",
             self.log_tail(40)
         ))
+    }
+
+    /// The host-side tap of NIC `nic` of VM `id`.
+    pub fn tap(&self, id: &str, nic: u8) -> String {
+        hvnode::network::tap_name(&self.tap_prefix, id.parse().unwrap(), nic)
     }
 
     pub fn pid(&self) -> u32 {
@@ -414,8 +440,9 @@ impl Drop for Agent {
         ns_sh(
             &self.rig.netns,
             &format!(
-                "nft delete table bridge {} 2>/dev/null; true",
-                self.filter_table
+                "nft delete table bridge {t} 2>/dev/null; nft delete table inet {t} 2>/dev/null; \
+                 true",
+                t = self.filter_table
             ),
         );
         if std::thread::panicking() {

@@ -8,9 +8,13 @@
 mod concurrency;
 mod console;
 mod crash;
+mod edge;
+mod frames;
 mod harness;
+mod isolation;
 mod lifecycle;
 mod network;
 mod reconcile;
 mod reinstall_resize;
 mod snapshots;
+mod tenancy;

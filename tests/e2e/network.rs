@@ -251,7 +251,7 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     let ns = rig.netns.clone();
     // A's plan limit is on its tap from its first boot, both ways (this agent owns the
     // namespace's IFBs: other tests' agents create none).
-    let tap_a = hvnode::network::tap_name(a.parse().unwrap(), 0);
+    let tap_a = agent.tap(&a, 0);
     let (_, qdisc) = ns_sh(
         &ns,
         &format!("tc qdisc show dev {tap_a}; tc filter show dev {tap_a} ingress"),
@@ -473,10 +473,7 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
 
     // --- a host reboot: bridges, tunnels, limits and filters are gone; the agent restarts.
     agent.kill();
-    let taps: Vec<String> = [&a, &b, &c]
-        .iter()
-        .map(|id| format!("vh{}0", &id.replace('-', "")[..12]))
-        .collect();
+    let taps: Vec<String> = [&a, &b, &c].iter().map(|id| agent.tap(id, 0)).collect();
     let mut flush = format!(
         "nft delete table bridge {table}; \
          for l in $(ip -o link | awk -F': ' '{{print $2}}' | cut -d@ -f1 | grep -E '^(hvp|hvx|vb)'); do ip link del $l; done; ",
@@ -578,8 +575,8 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     let (_, links) = ns_sh(
         &ns,
         &format!(
-            "ip -o link | awk -F': ' '{{print $2}}' | grep -E '^(hvp{vni_a}|hvx{vni_a}|vh{})' ; true",
-            &taps[0][2..]
+            "ip -o link | awk -F': ' '{{print $2}}' | grep -E '^(hvp{vni_a}|hvx{vni_a}|{})' ; true",
+            &taps[0]
         ),
     );
     assert!(links.trim().is_empty(), "nothing left: {links}");
