@@ -69,10 +69,12 @@ impl HostFacts {
                 alloc.ram_mb
             ));
         }
-        if alloc.disk_gb + disk_gb > disk_max {
+        // Snapshots take room of their own beside the disks they belong to.
+        let allocated_gb = alloc.disk_gb + alloc.snapshot_bytes.div_ceil(1 << 30);
+        if allocated_gb + disk_gb > disk_max {
             return Err(format!(
-                "disk: {} of {disk_max} GB allocated, {disk_gb} more requested",
-                alloc.disk_gb
+                "disk: {allocated_gb} of {disk_max} GB allocated (snapshots included), \
+                 {disk_gb} more requested"
             ));
         }
         Ok(())
@@ -216,12 +218,28 @@ mod tests {
             cpu_cores: 3,
             ram_mb: 2048,
             disk_gb: 10,
+            snapshot_bytes: 0,
         };
 
         assert!(host().admits(&limits, &alloc, 1, 1024, 10).is_ok());
         assert!(host().admits(&limits, &alloc, 2, 512, 10).is_err());
         assert!(host().admits(&limits, &alloc, 1, 1025, 10).is_err());
         assert!(host().admits(&limits, &alloc, 1, 512, 91).is_err());
+    }
+
+    #[test]
+    fn snapshots_count_against_the_nodes_disk() {
+        let limits = CapacityConfig::default();
+        let alloc = Allocation {
+            vms: 1,
+            cpu_cores: 1,
+            ram_mb: 512,
+            disk_gb: 10,
+            snapshot_bytes: 50 << 30,
+        };
+
+        assert!(host().admits(&limits, &alloc, 1, 512, 40).is_ok());
+        assert!(host().admits(&limits, &alloc, 1, 512, 41).is_err());
     }
 
     #[test]

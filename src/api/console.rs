@@ -152,14 +152,22 @@ pub async fn console_page(
         "{}/v1/console/ws?ticket={ticket}",
         app.config.public_url().replacen("http", "ws", 1)
     );
+    let page = console::page(&ticket, &websocket_url);
+    let policy = console::page_policy(
+        &page,
+        console::origin(&websocket_url),
+        &app.config.console.frame_ancestors,
+    );
     Ok((
         [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_TYPE, "text/html; charset=utf-8".to_owned()),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
             // The ticket is in the URL: never send it on as a referrer.
-            (header::REFERRER_POLICY, "no-referrer"),
+            (header::REFERRER_POLICY, "no-referrer".to_owned()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            (header::CONTENT_SECURITY_POLICY, policy),
         ],
-        console::page(&ticket, &websocket_url),
+        page,
     )
         .into_response())
 }
@@ -184,12 +192,27 @@ pub async fn console_asset(
     novnc_grant(&app, &ticket)?;
     let not_found = || ApiError::new(ErrorCode::RouteNotFound, format!("no file {path}"));
     let file = console::asset_path(&app.config.console.novnc_dir, &path).ok_or_else(not_found)?;
-    let body = tokio::fs::read(&file).await.map_err(|_| not_found())?;
+    let root = app.config.console.novnc_dir.clone();
+    let rel = path.clone();
+    let body = tokio::task::spawn_blocking(move || console::read_asset(&root, &rel))
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(not_found)?;
+    let frame_ancestors = app.config.console.frame_ancestors.join(" ");
     Ok((
         StatusCode::OK,
         [
-            (header::CONTENT_TYPE, console::content_type(&file)),
-            (header::CACHE_CONTROL, "private, max-age=300"),
+            (
+                header::CONTENT_TYPE,
+                console::content_type(&file).to_owned(),
+            ),
+            (header::CACHE_CONTROL, "private, max-age=300".to_owned()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                format!("default-src 'none'; frame-ancestors {frame_ancestors}"),
+            ),
         ],
         body,
     )
@@ -233,12 +256,10 @@ pub async fn console_ws(
         ));
     }
     let ws = ws.map_err(|_| websocket_required())?;
-    let slot = app.console_slots.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(
-            ErrorCode::ConsoleFailed,
-            "too many console sessions are open on this node; try again shortly",
-        )
-    })?;
+    let session = app
+        .consoles
+        .open(grant.vm)
+        .map_err(|e| ApiError::new(ErrorCode::ConsoleLimit, e.to_string()))?;
     // The ticket is used up before the console is opened: of two uses of one ticket,
     // the loser must not get as far as taking over the winner's (serial) console.
     let grant = app.tickets.redeem(&ticket).map_err(refused)?;
@@ -274,12 +295,20 @@ pub async fn console_ws(
         .max_message_size(console::proxy::MAX_CLIENT_MESSAGE)
         .max_frame_size(console::proxy::MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| async move {
-            match backend {
-                Backend::Vnc(sock) => console::proxy::pump_io(socket, sock).await,
-                Backend::Serial(session) => console::proxy::pump_serial(socket, session).await,
-            }
-            drop(slot);
-            tracing::info!(vps = %grant.vm, kind = grant.kind.as_str(), "console session closed");
+            let pump = async {
+                match backend {
+                    Backend::Vnc(sock) => console::proxy::pump_io(socket, sock).await,
+                    Backend::Serial(s) => console::proxy::pump_serial(socket, s).await,
+                }
+            };
+            // The VM was suspended, reinstalled or deleted: the session ends with it.
+            let ended = tokio::select! {
+                _ = pump => false,
+                _ = session.ended.cancelled() => true,
+            };
+            drop(session);
+            tracing::info!(vps = %grant.vm, kind = grant.kind.as_str(), ended_by_vm = ended,
+                "console session closed");
         })
         .into_response())
 }

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::config::{CloneMode, StorageConfig};
 
 pub use images::{ImageStore, Template};
-pub use qcow2::virtual_size;
+pub use qcow2::{backing, virtual_size};
 pub use snapshots::{free_bytes, ImageSnapshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +167,13 @@ impl Disks {
                 self.qemu_img(&["resize", "-q", tmp_s, &size]).await?;
             }
         }
+        // A customer's disk is for the agent and QEMU alone, whatever the umask.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .await
+                .map_err(io_err("chmod", &tmp))?;
+        }
         tokio::fs::rename(&tmp, &disk)
             .await
             .map_err(io_err("rename", &disk))?;
@@ -204,6 +211,28 @@ impl Disks {
     }
 
     /// Runs qemu-img and returns its standard output.
+    /// What the VM's snapshots hold on disk: the disk file's allocation less the data its
+    /// current state uses (`qemu-img map` of the active layer). The difference is the data
+    /// only snapshots still reference, their saved memory, and the image's metadata.
+    pub async fn snapshot_usage(&self, id: Uuid) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let disk = self.disk_path(id);
+        let allocated = tokio::fs::metadata(&disk)
+            .await
+            .map_err(io_err("stat", &disk))?
+            .blocks()
+            * 512;
+        // -U: the running VM's QEMU holds the image's lock; reading the map is safe.
+        let map = self
+            .qemu_img_output(&["map", "-U", "--output=json", path_str(&disk)?])
+            .await?;
+        let own = own_data_bytes(&map).ok_or_else(|| StorageError::QemuImg {
+            args: "map".into(),
+            stderr: "unparseable map".into(),
+        })?;
+        Ok(allocated.saturating_sub(own))
+    }
+
     async fn qemu_img_output(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(&self.qemu_img)
             .args(args)
@@ -219,6 +248,18 @@ impl Disks {
             })
         }
     }
+}
+
+/// Bytes of data the top layer of an image holds itself, from `qemu-img map --output=json`.
+fn own_data_bytes(map: &str) -> Option<u64> {
+    let extents: Vec<serde_json::Value> = serde_json::from_str(map).ok()?;
+    Some(
+        extents
+            .iter()
+            .filter(|e| e["depth"].as_u64() == Some(0) && e["data"].as_bool() == Some(true))
+            .filter_map(|e| e["length"].as_u64())
+            .sum(),
+    )
 }
 
 pub async fn remove_file_if_exists(path: &Path) -> Result<()> {

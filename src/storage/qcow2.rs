@@ -1,6 +1,8 @@
-//! Just enough of the qcow2 header to know an image's virtual size without running qemu-img.
+//! Just enough of the qcow2 header to know an image's virtual size and backing file without
+//! running qemu-img.
 
-use std::path::Path;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
 use tokio::io::AsyncReadExt;
 
@@ -36,6 +38,57 @@ fn parse_header(header: &[u8]) -> Option<u64> {
         return None;
     }
     Some(u64::from_be_bytes(header[24..32].try_into().ok()?))
+}
+
+/// An image's backing file and its format (`qcow2`, `raw`), from the qcow2 header and its
+/// "backing file format" extension; `None` for an image without one (or not qcow2).
+pub fn backing(path: &Path) -> std::io::Result<Option<(PathBuf, String)>> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = [0u8; 104];
+    let n = f.read(&mut h)?;
+    if n < 72 || &h[..4] != QCOW2_MAGIC {
+        return Ok(None);
+    }
+    let be32 = |b: &[u8]| u32::from_be_bytes(b[..4].try_into().expect("4 bytes"));
+    let version = be32(&h[4..]);
+    let offset = u64::from_be_bytes(h[8..16].try_into().expect("8 bytes"));
+    let size = be32(&h[16..]) as usize;
+    if offset == 0 || size == 0 || size > 4096 {
+        return Ok(None);
+    }
+    let mut name = vec![0u8; size];
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(&mut name)?;
+    let file = PathBuf::from(std::ffi::OsString::from(
+        String::from_utf8_lossy(&name).into_owned(),
+    ));
+    // Header extensions follow the header: (type, length, data padded to 8 bytes).
+    let header_len = if version >= 3 && n >= 104 {
+        be32(&h[100..]) as u64
+    } else {
+        72
+    };
+    let mut format = None;
+    let mut at = header_len;
+    for _ in 0..64 {
+        let mut ext = [0u8; 8];
+        f.seek(SeekFrom::Start(at))?;
+        if f.read_exact(&mut ext).is_err() {
+            break;
+        }
+        let (kind, len) = (be32(&ext[..4]), be32(&ext[4..]) as u64);
+        if kind == 0 || len > 4096 {
+            break;
+        }
+        if kind == 0xE279_2ACA {
+            let mut data = vec![0u8; len as usize];
+            f.read_exact(&mut data)?;
+            format = Some(String::from_utf8_lossy(&data).into_owned());
+            break;
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    Ok(Some((file, format.unwrap_or_else(|| "raw".into()))))
 }
 
 async fn read_up_to(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -119,6 +119,12 @@ const MIGRATIONS: &[&str] = &[
     // so that a lost or replaced database is noticed instead of silently starting empty.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     INSERT INTO meta (key, value) VALUES ('store_id', lower(hex(randomblob(16))));",
+    // 6: an address being taken away from its VM: still held (never handed out), but no
+    // longer in the VM's filter or seed.
+    // What each VM's snapshots held on disk when last measured (counted against the
+    // node's storage with its disk).
+    "ALTER TABLE ip_allocations ADD COLUMN releasing INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE vms ADD COLUMN snapshot_bytes INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Applies the migrations not yet applied; returns how many had been applied before (0: the

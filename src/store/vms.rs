@@ -283,12 +283,14 @@ pub struct Allocation {
     pub cpu_cores: u64,
     pub ram_mb: u64,
     pub disk_gb: u64,
+    /// What the VMs' snapshots held on disk when last measured.
+    pub snapshot_bytes: u64,
 }
 
 pub fn allocation(conn: &Connection) -> Result<Allocation> {
     Ok(conn.query_row(
         "SELECT COUNT(*), COALESCE(SUM(cpu_cores), 0), COALESCE(SUM(ram_mb), 0),
-                COALESCE(SUM(disk_gb), 0)
+                COALESCE(SUM(disk_gb), 0), COALESCE(SUM(snapshot_bytes), 0)
          FROM vms WHERE state != 'failed'",
         [],
         |r| {
@@ -297,9 +299,31 @@ pub fn allocation(conn: &Connection) -> Result<Allocation> {
                 cpu_cores: r.get::<_, i64>(1)? as u64,
                 ram_mb: r.get::<_, i64>(2)? as u64,
                 disk_gb: r.get::<_, i64>(3)? as u64,
+                snapshot_bytes: r.get::<_, i64>(4)? as u64,
             })
         },
     )?)
+}
+
+/// What the VM's snapshots held on disk when last measured.
+pub fn snapshot_bytes(conn: &Connection, id: Uuid) -> Result<u64> {
+    Ok(conn
+        .query_row(
+            "SELECT snapshot_bytes FROM vms WHERE id = ?1",
+            [id.to_string()],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .unwrap_or(0) as u64)
+}
+
+/// Records what the VM's snapshots hold on disk.
+pub fn set_snapshot_bytes(conn: &Connection, id: Uuid, bytes: u64) -> Result<()> {
+    conn.execute(
+        "UPDATE vms SET snapshot_bytes = ?2 WHERE id = ?1",
+        params![id.to_string(), bytes.min(i64::MAX as u64) as i64],
+    )?;
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,20 +332,31 @@ pub struct IpAllocation {
     pub vps_id: Uuid,
     /// `primary` or `extra`.
     pub kind: String,
+    /// Being taken away from the VM: held (no one else gets it) but no longer the VM's to
+    /// send from.
+    pub releasing: bool,
+}
+
+impl IpAllocation {
+    /// Whether the VM may use the address (its filter and seed hold it).
+    pub fn usable(&self) -> bool {
+        !self.releasing
+    }
 }
 
 pub fn ip_allocations(conn: &Connection) -> Result<Vec<IpAllocation>> {
-    let mut stmt =
-        conn.prepare("SELECT address, vps_id, kind FROM ip_allocations ORDER BY address")?;
+    let mut stmt = conn
+        .prepare("SELECT address, vps_id, kind, releasing FROM ip_allocations ORDER BY address")?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, String>(1)?,
             r.get::<_, String>(2)?,
+            r.get::<_, bool>(3)?,
         ))
     })?;
     rows.map(|r| {
-        let (address, vps_id, kind) = r?;
+        let (address, vps_id, kind, releasing) = r?;
         Ok(IpAllocation {
             address: address
                 .parse()
@@ -330,6 +365,7 @@ pub fn ip_allocations(conn: &Connection) -> Result<Vec<IpAllocation>> {
                 .parse()
                 .map_err(|_| StoreError::Malformed(format!("vps id {vps_id:?}")))?,
             kind,
+            releasing,
         })
     })
     .collect()
@@ -437,7 +473,8 @@ mod tests {
                 vms: 1,
                 cpu_cores: 2,
                 ram_mb: 1024,
-                disk_gb: 10
+                disk_gb: 10,
+                snapshot_bytes: 0,
             }
         );
     }

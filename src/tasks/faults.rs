@@ -1,8 +1,11 @@
 //! Test-only fault points at task step boundaries, for crash-safety tests.
 //!
-//! Off unless the agent is started with `HVNODE_FAULT=<kind>:<step>:<before|after|undo>`
-//! (for example `create:start_vm:after`; `undo` is just before the step is undone). When a task reaches that boundary, the agent kills itself
-//! with SIGKILL — no destructor, flush or shutdown handler runs, as in a real crash.
+//! They exist only in builds with the `fault-injection` feature (the test rig's, through
+//! `rig`); a release build has no way to arm them. There, they are off unless the agent is
+//! started with `HVNODE_FAULT=<kind>:<step>:<before|after|undo>` (for example
+//! `create:start_vm:after`; `undo` is just before the step is undone). When a task reaches
+//! that boundary, the agent kills itself with SIGKILL — no destructor, flush or shutdown
+//! handler runs, as in a real crash.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Moment {
@@ -41,13 +44,23 @@ impl FaultPoints {
         self.point.is_some()
     }
 
+    #[cfg_attr(not(any(test, feature = "fault-injection")), allow(dead_code))]
     fn matches(&self, kind: &str, step: &str, moment: Moment) -> bool {
         self.point
             .as_ref()
             .is_some_and(|(k, s, m)| k == kind && s == step && *m == moment)
     }
 
+    /// The fault point the environment arms, in builds that have them.
+    pub fn from_env() -> FaultPoints {
+        #[cfg(feature = "fault-injection")]
+        return FaultPoints::parse(std::env::var("HVNODE_FAULT").ok().as_deref());
+        #[cfg(not(feature = "fault-injection"))]
+        return FaultPoints::none();
+    }
+
     pub fn hit(&self, kind: &str, step: &str, moment: Moment) {
+        #[cfg(feature = "fault-injection")]
         if self.matches(kind, step, moment) {
             tracing::warn!(
                 kind,
@@ -57,6 +70,8 @@ impl FaultPoints {
             );
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = (kind, step, moment);
     }
 }
 

@@ -40,6 +40,11 @@ pub struct DomainSpec<'a> {
     pub ovmf_vars: &'a Path,
     pub nvram: &'a Path,
     pub disk: &'a Path,
+    /// The disk's backing file (the shared template of a linked clone) and its format.
+    /// libvirt is told the chain, and told not to hand the template to QEMU's user: it
+    /// stays root-owned and read-only, so one escaped guest cannot rewrite what every
+    /// other clone reads.
+    pub backing: Option<(&'a Path, &'a str)>,
     pub seed: &'a Path,
     /// Where virtlogd keeps what the guest writes on its serial console (boot messages,
     /// cloud-init), so that a guest that never comes up can be read after the fact.
@@ -99,6 +104,9 @@ fn unrepresentable(spec: &DomainSpec<'_>) -> Option<DomainXmlError> {
         spec.console_log,
     ]
     .map(|p| ("path", p.to_string_lossy()));
+    let backing = spec
+        .backing
+        .map(|(f, fmt)| [("path", f.to_string_lossy()), ("format", fmt.into())]);
     let texts = [
         ("name", spec.name),
         ("title", spec.title),
@@ -114,6 +122,7 @@ fn unrepresentable(spec: &DomainSpec<'_>) -> Option<DomainXmlError> {
         .into_iter()
         .chain(nics)
         .chain(paths.iter().map(|(f, p)| (*f, p.as_ref())))
+        .chain(backing.iter().flatten().map(|(f, p)| (*f, p.as_ref())))
         .find_map(|(field, value)| {
             value
                 .chars()
@@ -197,6 +206,15 @@ pub fn render(spec: &DomainSpec<'_>) -> String {
         "      <driver name='qemu' type='qcow2' cache='none' io='native' discard='unmap'/>"
     );
     let _ = writeln!(x, "      <source file='{}'/>", p(spec.disk));
+    if let Some((file, format)) = spec.backing {
+        let _ = writeln!(x, "      <backingStore type='file'>");
+        let _ = writeln!(x, "        <format type='{}'/>", escape(format));
+        let _ = writeln!(x, "        <source file='{}'>", p(file));
+        let _ = writeln!(x, "          <seclabel model='dac' relabel='no'/>");
+        let _ = writeln!(x, "        </source>");
+        let _ = writeln!(x, "        <backingStore/>");
+        let _ = writeln!(x, "      </backingStore>");
+    }
     let _ = writeln!(x, "      <target dev='vda' bus='virtio'/>");
     let _ = writeln!(x, "    </disk>");
     let _ = writeln!(x, "    <disk type='file' device='disk'>");
@@ -277,6 +295,10 @@ mod tests {
             ovmf_vars: Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd"),
             nvram: Path::new("/var/lib/hvnode/vms/0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c/nvram.fd"),
             disk: Path::new("/var/lib/hvnode/vms/0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c/disk.qcow2"),
+            backing: Some((
+                Path::new("/var/lib/hvnode/images/debian-12-0123456789abcdef.qcow2"),
+                "qcow2",
+            )),
             seed: Path::new("/var/lib/hvnode/vms/0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c/seed.img"),
             console_log: Path::new(
                 "/var/lib/hvnode/vms/0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c/console.log",

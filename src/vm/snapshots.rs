@@ -116,6 +116,69 @@ fn deployed(vm: &store::VmRow) -> Result<(), VmError> {
     }
 }
 
+/// Refuses a snapshot that would take the VM's snapshots beyond their allowance
+/// (`snapshots.max_percent_of_disk` of its disk), or the node's storage beyond what may be
+/// allocated: `needed` is what the snapshot stores at once (the guest's memory).
+async fn check_allowance(ctx: &Ctx, vm: &store::VmRow, needed: u64) -> Result<(), VmError> {
+    let id = vm.id;
+    let used = ctx
+        .disks
+        .snapshot_usage(id)
+        .await
+        .map_err(|e| VmError::storage(Op::Snapshot, e))?;
+    let allowance =
+        (vm.disk_gb * GIB).saturating_mul(ctx.config.snapshots.max_percent_of_disk) / 100;
+    if used.saturating_add(needed) > allowance {
+        return Err(VmError::SnapshotQuota(format!(
+            "the VPS's snapshots hold {} MiB of their {} MiB allowance \
+             (snapshots.max_percent_of_disk of its disk); this snapshot needs {} MiB more: \
+             delete a snapshot first",
+            used / MIB,
+            allowance / MIB,
+            needed / MIB
+        )));
+    }
+    let (alloc, before) = ctx
+        .store
+        .call(move |c| {
+            Ok((
+                store::vms::allocation(c)?,
+                store::vms::snapshot_bytes(c, id)?,
+            ))
+        })
+        .await?;
+    let capacity = (ctx.host.storage_gb as f64 * ctx.config.capacity.disk_overcommit) as u64 * GIB;
+    let committed = (alloc.disk_gb * GIB + alloc.snapshot_bytes)
+        .saturating_sub(before)
+        .saturating_add(used)
+        .saturating_add(needed);
+    if committed > capacity {
+        return Err(VmError::InsufficientCapacity(format!(
+            "storage: the node's disks and snapshots would take {} GiB of the {} GiB it may \
+             allocate",
+            committed.div_ceil(GIB),
+            capacity / GIB
+        )));
+    }
+    Ok(())
+}
+
+/// Measures and records what the VM's snapshots hold now (for the node's capacity).
+async fn record_usage(ctx: &Ctx, id: Uuid) {
+    match ctx.disks.snapshot_usage(id).await {
+        Ok(bytes) => {
+            if let Err(e) = ctx
+                .store
+                .call(move |c| store::vms::set_snapshot_bytes(c, id, bytes))
+                .await
+            {
+                tracing::warn!(vps = %id, error = %e, "cannot record snapshot usage");
+            }
+        }
+        Err(e) => tracing::warn!(vps = %id, error = %e, "cannot measure snapshot usage"),
+    }
+}
+
 /// A snapshot description as stored and listed: at most 500 characters, no control characters.
 pub fn description(d: Option<String>) -> Result<String, VmError> {
     let d = d.unwrap_or_default();
@@ -188,6 +251,7 @@ impl VmManager {
                 floor / GIB
             )));
         }
+        check_allowance(ctx, &vm, needed).await?;
         let disk_bytes = crate::storage::virtual_size(&ctx.disks.disk_path(id))
             .await
             .map_err(|e| VmError::storage(Op::Snapshot, e))?;
@@ -241,7 +305,9 @@ impl VmManager {
             .await??;
         tracing::info!(vps = %id, snapshot = %name, include_ram, was_running, "snapshot");
         let op = SnapshotOp::new(self.ctx.clone(), id, Kind::Create, input);
-        ctx.engine.run(claim, "snapshot_create", op).await?;
+        let outcome = ctx.engine.run(claim, "snapshot_create", op).await;
+        record_usage(ctx, id).await;
+        outcome?;
         let row = ctx
             .store
             .call(move |c| store::snapshots::get(c, id, &name))
@@ -294,7 +360,9 @@ impl VmManager {
         .await?;
         tracing::info!(vps = %id, snapshot = %name, kind = kind.as_str(), was_running, "snapshot task");
         let op = SnapshotOp::new(self.ctx.clone(), id, kind, input);
-        ctx.engine.run(claim, kind.as_str(), op).await?;
+        let outcome = ctx.engine.run(claim, kind.as_str(), op).await;
+        record_usage(ctx, id).await;
+        outcome?;
         let vm = ctx.vm(id).await?;
         Ok(SnapshotDone {
             vps_id: id,
