@@ -33,6 +33,12 @@ pub enum ConfigError {
          chmod 0600 or 0640 it"
     )]
     WorldReadable { path: PathBuf, mode: u32 },
+    #[error(
+        "config file {path} could be changed by someone other than root (owner uid {uid}, \
+         mode {mode:o}); it names programs the agent runs as root: chown root and chmod \
+         0600 or 0640 it"
+    )]
+    Writable { path: PathBuf, uid: u32, mode: u32 },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -68,6 +74,17 @@ pub struct ApiConfig {
     pub public_url: String,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Time a client has to send a request's head, counted from when the connection is
+    /// ready for one: a header trickled byte by byte, a connection that sends nothing and
+    /// a keep-alive connection left idle are all closed after it.
+    pub header_timeout_ms: u64,
+    /// Time a client has to send a request's whole body once its head arrived (408).
+    pub body_timeout_ms: u64,
+    /// Connections open at once on the TCP listener; beyond, new ones are closed at once.
+    pub max_connections: usize,
+    /// Connections open at once from one peer address, so that one client (or one
+    /// attacker) cannot take the control plane's share.
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for ApiConfig {
@@ -79,6 +96,10 @@ impl Default for ApiConfig {
             token_sha256: Vec::new(),
             public_url: String::new(),
             max_body_bytes: 1024 * 1024,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            max_connections: 2048,
+            max_connections_per_peer: 64,
         }
     }
 }
@@ -113,6 +134,9 @@ pub struct LibvirtConfig {
     pub cpu_mode: String,
     /// Connections to libvirtd used in turn (libvirtd runs 5 calls per connection at once).
     pub connections: usize,
+    /// Report `degraded` when libvirt confines QEMU with no AppArmor or SELinux profile
+    /// (security model `none`). A test rig without either sets it to false.
+    pub require_confinement: bool,
 }
 
 impl Default for LibvirtConfig {
@@ -125,6 +149,7 @@ impl Default for LibvirtConfig {
             ovmf_vars: PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.fd"),
             cpu_mode: "host-model".into(),
             connections: 4,
+            require_confinement: true,
         }
     }
 }
@@ -158,7 +183,7 @@ impl Default for StorageConfig {
             vm_dir: PathBuf::from("/var/lib/hvnode/vms"),
             state_db: PathBuf::from("/var/lib/hvnode/hvnode.db"),
             clone: CloneMode::Linked,
-            qemu_img: PathBuf::from("qemu-img"),
+            qemu_img: PathBuf::from("/usr/bin/qemu-img"),
         }
     }
 }
@@ -180,6 +205,12 @@ pub struct NetworkConfig {
     /// Delete hvnode's devices (IFBs, private bridges and tunnels) that no VM or network
     /// in the store needs, when reconciling.
     pub remove_leftovers: bool,
+    /// First two characters of every VM tap's name (`<prefix><12 hex of the id><NIC>`).
+    /// The filter drops whatever arrives on a port with this prefix that has no chain of
+    /// its own, so the prefix must be this agent's alone on the host.
+    pub tap_prefix: String,
+    /// How long a guest has to let go of a hot-unplugged NIC before the detach fails.
+    pub unplug_timeout_s: u64,
     /// Extra addresses one VM may hold besides its primary.
     pub max_extra_ips: usize,
     /// The public IPv4 pool.
@@ -198,6 +229,8 @@ impl Default for NetworkConfig {
             filter: true,
             filter_table: "hvnode".into(),
             remove_leftovers: true,
+            tap_prefix: "vh".into(),
+            unplug_timeout_s: 60,
             max_extra_ips: 8,
             pool: IpPoolConfig::default(),
             pool6: None,
@@ -399,6 +432,11 @@ pub struct ConsoleConfig {
     pub ticket_ttl_s: u64,
     /// Console sessions open at once across all VMs.
     pub max_sessions: usize,
+    /// Console sessions open at once on one VM.
+    pub max_sessions_per_vm: usize,
+    /// Who may frame the console page: the CSP `frame-ancestors` sources (`'self'`, or the
+    /// control panel's origin, e.g. `https://panel.example.com`; `'none'` forbids it).
+    pub frame_ancestors: Vec<String>,
 }
 
 impl Default for ConsoleConfig {
@@ -407,6 +445,8 @@ impl Default for ConsoleConfig {
             novnc_dir: PathBuf::from("/usr/share/novnc"),
             ticket_ttl_s: 60,
             max_sessions: 64,
+            max_sessions_per_vm: 2,
+            frame_ancestors: vec!["'self'".into()],
         }
     }
 }
@@ -422,6 +462,10 @@ pub struct SnapshotsConfig {
     pub min_free_gb: u64,
     /// Longest a snapshot job (saving or loading guest memory) may run.
     pub job_timeout_s: u64,
+    /// What a VM's snapshots may hold on disk (the data they keep that the disk itself no
+    /// longer uses, and saved memory), as a percentage of its `disk_gb`. A snapshot that
+    /// would start beyond it is refused (409 `SNAPSHOT_QUOTA_EXCEEDED`).
+    pub max_percent_of_disk: u64,
 }
 
 impl Default for SnapshotsConfig {
@@ -430,6 +474,7 @@ impl Default for SnapshotsConfig {
             max_per_vm: 10,
             min_free_gb: 10,
             job_timeout_s: 600,
+            max_percent_of_disk: 100,
         }
     }
 }
@@ -484,6 +529,27 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let api = &self.api;
+        if api.header_timeout_ms < 100 || api.body_timeout_ms < 100 {
+            return Err(ConfigError::Invalid(
+                "api.header_timeout_ms and api.body_timeout_ms must be at least 100".into(),
+            ));
+        }
+        if api.max_connections == 0
+            || api.max_connections_per_peer == 0
+            || api.max_connections_per_peer > api.max_connections
+        {
+            return Err(ConfigError::Invalid(
+                "api.max_connections_per_peer must be between 1 and api.max_connections".into(),
+            ));
+        }
+        if !self.storage.qemu_img.is_absolute() {
+            return Err(ConfigError::Invalid(
+                "storage.qemu_img must be an absolute path (the agent runs it as root; a \
+                 name would be looked up in PATH)"
+                    .into(),
+            ));
+        }
         if self.metrics.interval_ms < 100 {
             return Err(ConfigError::Invalid(
                 "metrics.interval_ms must be at least 100".into(),
@@ -492,6 +558,25 @@ impl Config {
         if self.snapshots.max_per_vm == 0 || self.snapshots.job_timeout_s == 0 {
             return Err(ConfigError::Invalid(
                 "snapshots.max_per_vm and snapshots.job_timeout_s must be positive".into(),
+            ));
+        }
+        let console = &self.console;
+        if console.max_sessions == 0 || console.max_sessions_per_vm == 0 {
+            return Err(ConfigError::Invalid(
+                "console.max_sessions and console.max_sessions_per_vm must be at least 1".into(),
+            ));
+        }
+        // Each source goes into a header: one token of visible ASCII, no separators.
+        if console.frame_ancestors.is_empty()
+            || console.frame_ancestors.iter().any(|s| {
+                s.is_empty()
+                    || !s
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
+            })
+        {
+            return Err(ConfigError::Invalid(
+                "console.frame_ancestors must list CSP sources ('self', 'none' or origins)".into(),
             ));
         }
         if !(1..=300).contains(&self.console.ticket_ttl_s) {
@@ -534,6 +619,20 @@ impl Config {
         }
         if let Some(p6) = &self.network.pool6 {
             check_pool("network.pool6", p6, false)?;
+        }
+        let prefix = &self.network.tap_prefix;
+        if prefix.len() != 2
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            || prefix == "vb"
+            || prefix == "hv"
+        {
+            return Err(ConfigError::Invalid(
+                "network.tap_prefix must be two characters of [a-z0-9], not vb or hv (hvnode's \
+                 IFB and private network devices)"
+                    .into(),
+            ));
         }
         if self.network.bridge.is_empty() || self.network.bridge.len() > 15 {
             return Err(ConfigError::Invalid(
@@ -596,19 +695,27 @@ fn check_pool(key: &str, pool: &IpPoolConfig, v4: bool) -> Result<(), ConfigErro
     Ok(())
 }
 
-/// Refuses a config file other users can read when it holds secrets (token hashes let an
-/// attacker brute-force weak tokens offline).
+/// Refuses a config file that anyone but root (or the agent's own user) could change: it
+/// names programs the agent runs as root (`storage.qemu_img`), so whoever can write it
+/// owns the host. Refuses one that other users can read when it holds secrets (token
+/// hashes let an attacker brute-force weak tokens offline).
 pub fn check_file_permissions(path: &Path, config: &Config) -> Result<(), ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
-    if config.api.token_sha256.is_empty() {
-        return Ok(());
-    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
     let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o004 != 0 {
+    let uid = meta.uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if (uid != 0 && uid != me) || mode & 0o022 != 0 {
+        return Err(ConfigError::Writable {
+            path: path.to_owned(),
+            uid,
+            mode,
+        });
+    }
+    if !config.api.token_sha256.is_empty() && mode & 0o004 != 0 {
         return Err(ConfigError::WorldReadable {
             path: path.to_owned(),
             mode,
@@ -842,6 +949,38 @@ mod tests {
         let err = check_file_permissions(&path, &config).unwrap_err();
 
         assert!(matches!(err, ConfigError::WorldReadable { .. }));
+    }
+
+    #[test]
+    fn a_config_others_can_write_is_refused_whatever_it_holds() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempdir();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[storage]\nqemu_img = \"/usr/bin/qemu-img\"\n").unwrap();
+        let config = Config::load(Some(&path), env(&[])).unwrap();
+
+        for mode in [0o620, 0o602, 0o664] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(
+                matches!(
+                    check_file_permissions(&path, &config),
+                    Err(ConfigError::Writable { .. })
+                ),
+                "mode {mode:o}"
+            );
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(check_file_permissions(&path, &config).is_ok());
+    }
+
+    #[test]
+    fn qemu_img_must_be_an_absolute_path() {
+        let err = Config::load(None, env(&[("HVNODE_STORAGE__QEMU_IMG", "qemu-img")]))
+            .unwrap_err()
+            .to_string();
+
+        assert!(err.contains("absolute"), "{err}");
+        assert!(Config::load(None, env(&[])).is_ok());
     }
 
     fn tempdir() -> tempfile::TempDir {

@@ -58,10 +58,19 @@ pub enum ErrorCode {
     SnapshotFailed,
     /// Added: a private network with the requested VNI or an overlapping subnet exists (409).
     NetworkExists,
+    /// Added: the request body did not arrive within `api.body_timeout_ms` (408).
+    RequestTimeout,
+    /// Added: the node or the VM already has its maximum of console sessions open (409).
+    ConsoleLimit,
+    /// Added: a VM's snapshots would hold more than its allowance
+    /// (`snapshots.max_percent_of_disk`) (409).
+    SnapshotQuotaExceeded,
+    /// Added: the VM's id shares the part its device names carry with another VM's (409).
+    VpsIdConflict,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 44] = [
+    pub const ALL: [ErrorCode; 48] = [
         ErrorCode::NoApiKey,
         ErrorCode::InvalidApiKey,
         ErrorCode::VpsNotFound,
@@ -106,6 +115,10 @@ impl ErrorCode {
         ErrorCode::InsufficientStorage,
         ErrorCode::SnapshotFailed,
         ErrorCode::NetworkExists,
+        ErrorCode::RequestTimeout,
+        ErrorCode::ConsoleLimit,
+        ErrorCode::SnapshotQuotaExceeded,
+        ErrorCode::VpsIdConflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -154,6 +167,10 @@ impl ErrorCode {
             ErrorCode::InsufficientStorage => "INSUFFICIENT_STORAGE",
             ErrorCode::SnapshotFailed => "SNAPSHOT_FAILED",
             ErrorCode::NetworkExists => "NETWORK_EXISTS",
+            ErrorCode::RequestTimeout => "REQUEST_TIMEOUT",
+            ErrorCode::ConsoleLimit => "CONSOLE_LIMIT",
+            ErrorCode::SnapshotQuotaExceeded => "SNAPSHOT_QUOTA_EXCEEDED",
+            ErrorCode::VpsIdConflict => "VPS_ID_CONFLICT",
         }
     }
 

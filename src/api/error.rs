@@ -17,8 +17,18 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
         VpsNotFound | TaskNotFound | SnapshotNotFound | NetworkNotFound | IpNotFound
         | RouteNotFound => StatusCode::NOT_FOUND,
         MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        VpsExists | TaskInProgress | InvalidState | InsufficientCapacity | IpPoolExhausted
-        | IpInUse | SnapshotExists | SnapshotLimit | NetworkExists => StatusCode::CONFLICT,
+        VpsExists
+        | TaskInProgress
+        | InvalidState
+        | InsufficientCapacity
+        | IpPoolExhausted
+        | IpInUse
+        | SnapshotExists
+        | SnapshotLimit
+        | NetworkExists
+        | ConsoleLimit
+        | SnapshotQuotaExceeded
+        | VpsIdConflict => StatusCode::CONFLICT,
         MissingFields | InvalidJson | InvalidHostname | PasswordTooShort | PasswordTooLong
         | PasswordWeak | InvalidSshKey | InvalidTemplate | InvalidName | InvalidResources
         | ConfirmationRequired | PrimaryIp => StatusCode::BAD_REQUEST,
@@ -28,6 +38,7 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
         | DeploymentFailed | NetworkFailed | SnapshotFailed => StatusCode::INTERNAL_SERVER_ERROR,
         WebsocketRequired => StatusCode::UPGRADE_REQUIRED,
         InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+        RequestTimeout => StatusCode::REQUEST_TIMEOUT,
     }
 }
 
@@ -79,6 +90,10 @@ fn title(code: ErrorCode) -> &'static str {
         InsufficientStorage => "Insufficient storage",
         SnapshotFailed => "Snapshot failed",
         NetworkExists => "Network exists",
+        RequestTimeout => "Request timeout",
+        ConsoleLimit => "Console session limit reached",
+        SnapshotQuotaExceeded => "Snapshot quota exceeded",
+        VpsIdConflict => "VPS id conflict",
     }
 }
 
@@ -143,8 +158,9 @@ impl IntoResponse for ApiError {
 impl From<VmError> for ApiError {
     fn from(e: VmError) -> ApiError {
         let code = e.code();
+        // Host paths, library and store errors are the operator's to read in the log; the
+        // answer carries what a customer may see.
         let message = match &e {
-            // Store and runtime failures are the operator's to read in the log.
             VmError::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
                 "internal error; the agent's log has the details".to_owned()
@@ -153,7 +169,7 @@ impl From<VmError> for ApiError {
                 if http_status(code).is_server_error() {
                     tracing::error!(code = code.as_str(), error = %other, "request failed");
                 }
-                other.to_string()
+                other.public_message()
             }
         };
         ApiError { code, message }
@@ -220,6 +236,10 @@ mod tests {
             ("INSUFFICIENT_STORAGE", 507),
             ("SNAPSHOT_FAILED", 500),
             ("NETWORK_EXISTS", 409),
+            ("REQUEST_TIMEOUT", 408),
+            ("CONSOLE_LIMIT", 409),
+            ("SNAPSHOT_QUOTA_EXCEEDED", 409),
+            ("VPS_ID_CONFLICT", 409),
         ];
 
         for (name, status) in expected {

@@ -51,6 +51,11 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// An error a step can fail with: it carries the contract's error code for the task record.
 pub trait TaskFailure: std::error::Error + Send + Sync + 'static {
     fn code(&self) -> &'static str;
+    /// What the journal keeps and the task's documents and webhooks show: safe for a
+    /// customer to read. The full error (`Display`) goes to the log.
+    fn public_message(&self) -> String {
+        self.to_string()
+    }
     /// Wraps a failure of the engine itself (its store), so it reaches the caller typed.
     fn from_engine(err: store::StoreError) -> Self;
     /// The error of a task stopped by `TaskEngine::cancel`.
@@ -319,11 +324,11 @@ impl TaskEngine {
                     self.faults.hit(kind, step, faults::Moment::After);
                 }
                 Err(err) => {
-                    let message = err.to_string();
+                    let message = err.public_message();
                     if err.is_cancelled() {
                         tracing::info!(task = %journal.task, kind, step, "task cancelled");
                     } else {
-                        tracing::warn!(task = %journal.task, kind, step, error = %message,
+                        tracing::warn!(task = %journal.task, kind, step, error = %err,
                             "task step failed");
                     }
                     // The error is committed before anything is undone, so a crash during

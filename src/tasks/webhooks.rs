@@ -281,7 +281,8 @@ pub fn backoff(config: &WebhooksConfig, attempts: u32) -> Duration {
         .min(Duration::from_secs(config.max_backoff_s))
 }
 
-/// An error without the URL's query string (which may carry a token).
+/// An error naming only the URL's host: webhook URLs often carry their credential in the
+/// path (Slack, Teams, Discord) or the query.
 fn describe(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"
@@ -291,13 +292,19 @@ fn describe(e: &reqwest::Error) -> String {
         "request failed"
     };
     match e.url() {
-        Some(u) => format!(
-            "{kind}: {}://{}{}",
-            u.scheme(),
-            u.host_str().unwrap_or(""),
-            u.path()
-        ),
+        Some(u) => format!("{kind}: {}", url_host(u.as_str())),
         None => kind.to_owned(),
+    }
+}
+
+/// `scheme://host[:port]` of a URL, and nothing of its path, query or credentials.
+pub fn url_host(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => match u.port() {
+            Some(p) => format!("{}://{}:{p}", u.scheme(), u.host_str().unwrap_or("")),
+            None => format!("{}://{}", u.scheme(), u.host_str().unwrap_or("")),
+        },
+        Err(_) => "(unparseable URL)".to_owned(),
     }
 }
 
@@ -313,6 +320,18 @@ mod tests {
         assert_eq!(
             sig,
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn only_the_host_of_a_webhook_url_is_told() {
+        assert_eq!(
+            url_host("https://hooks.example.com/services/T000/B000/SECRETPATH?token=x"),
+            "https://hooks.example.com"
+        );
+        assert_eq!(
+            url_host("http://user:pass@10.0.0.5:8080/p"),
+            "http://10.0.0.5:8080"
         );
     }
 

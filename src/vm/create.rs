@@ -131,6 +131,15 @@ async fn admit(
             if store::vms::get(&tx, spec.id)?.is_some() {
                 return Ok(Err(VmError::Exists(spec.id)));
             }
+            // Device names (taps, IFBs, filter chains) carry part of the id: two VMs
+            // sharing it would share filters.
+            let key = network::name_key(spec.id);
+            if let Some(other) = store::vms::ids(&tx)?
+                .into_iter()
+                .find(|o| network::name_key(*o) == key)
+            {
+                return Ok(Err(VmError::IdConflict { id: spec.id, other }));
+            }
             let alloc = store::vms::allocation(&tx)?;
             if let Err(why) =
                 host.admits(&capacity, &alloc, spec.cpu_cores, spec.ram_mb, spec.disk_gb)
@@ -204,6 +213,14 @@ pub(crate) struct CreateOp {
 }
 
 impl CreateOp {
+    /// A failure of the host's machinery (its detail stays in the log).
+    fn host(&self, detail: String) -> VmError {
+        VmError::Host {
+            op: Op::Deploy,
+            detail,
+        }
+    }
+
     fn fail(&self, message: impl Into<String>) -> VmError {
         VmError::Failed {
             op: Op::Deploy,
@@ -221,12 +238,12 @@ impl CreateOp {
             .images
             .get(&vm.template_id)
             .await
-            .map_err(|e| self.fail(e.to_string()))?;
+            .map_err(|e| self.host(e.to_string()))?;
         self.ctx
             .images
             .verify(&template)
             .await
-            .map_err(|e| self.fail(e.to_string()))?;
+            .map_err(|e| self.host(e.to_string()))?;
         if !self.ctx.hv.connected().await {
             return Err(VmError::HypervisorUnavailable(format!(
                 "cannot reach libvirt at {}",
@@ -267,7 +284,7 @@ impl CreateOp {
             .images
             .get(&vm.template_id)
             .await
-            .map_err(|e| self.fail(e.to_string()))?;
+            .map_err(|e| self.host(e.to_string()))?;
         self.ctx
             .disks
             .create_disk(vm.id, &template, vm.disk_gb)
@@ -307,7 +324,7 @@ impl CreateOp {
             .domain_xml(vm.id)
             .await
             .map_err(|e| self.hv(e))?;
-        let tap = network::tap_name(vm.id, 0);
+        let tap = network::tap_name(&self.ctx.config.network.tap_prefix, vm.id, 0);
         if !xml.contains(&format!("<target dev='{tap}'/>")) {
             return Err(self.fail(format!("tap {tap} is missing from the running domain")));
         }
@@ -405,6 +422,16 @@ pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> Result<Strin
             tap: &n.tap,
         })
         .collect();
+    // A linked clone's template, as the disk itself names it (an older build for a VM
+    // cloned before the template was rebuilt).
+    let backing = match crate::storage::backing(&disk) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        other => other,
+    }
+    .map_err(|e| VmError::Host {
+        op: Op::Deploy,
+        detail: format!("cannot read the backing file of {}: {e}", disk.display()),
+    })?;
     let cpu_mode = match lv.accelerator {
         crate::config::Accelerator::Tcg => None,
         crate::config::Accelerator::Kvm => {
@@ -427,6 +454,7 @@ pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> Result<Strin
         ovmf_vars: &lv.ovmf_vars,
         nvram: &nvram,
         disk: &disk,
+        backing: backing.as_ref().map(|(f, fmt)| (f.as_path(), fmt.as_str())),
         seed: &seed,
         console_log: &console_log,
         nics: &nics,
@@ -583,7 +611,7 @@ impl Operation for CreateOp {
                 Ok(vm) => vm,
                 Err(_) => return,
             };
-            let message = e.to_string();
+            let message = e.public_message();
             let hook =
                 deployment_webhook(&vm, webhooks::DEPLOYMENT_FAILED, "failed", Some(&message));
             let marked = self

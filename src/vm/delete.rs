@@ -89,13 +89,10 @@ impl Operation for DeleteOp {
                 "remove_network" => {
                     if let Ok(vm) = ctx.vm(id).await {
                         for nic in net::load(ctx, &vm).await?.all() {
-                            ctx.net
-                                .remove_nic(&nic)
-                                .await
-                                .map_err(|e| VmError::Failed {
-                                    op: Op::Delete,
-                                    message: e.to_string(),
-                                })?;
+                            ctx.net.remove_nic(&nic).await.map_err(|e| VmError::Host {
+                                op: Op::Delete,
+                                detail: e.to_string(),
+                            })?;
                         }
                     }
                     net::refresh_filters(ctx, &[id], Op::Delete).await

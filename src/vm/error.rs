@@ -55,6 +55,13 @@ pub enum VmError {
     NotFound(Uuid),
     #[error("VPS {0} already exists with a different specification")]
     Exists(Uuid),
+    #[error(
+        "VPS id {id} begins with the same 12 hex digits as VPS {other}'s, which name its \
+         network devices on this host; choose another id"
+    )]
+    IdConflict { id: Uuid, other: Uuid },
+    #[error("{0}")]
+    SnapshotQuota(String),
     #[error("task {task} is in progress on VPS {vm}; retry when it has finished")]
     TaskInProgress { vm: Uuid, task: Uuid },
     #[error("task {0} not found")]
@@ -69,9 +76,15 @@ pub enum VmError {
     Ip(#[from] IpamError),
     #[error("libvirt is unavailable: {0}")]
     HypervisorUnavailable(String),
-    /// An operation failed on the host; `message` is safe to show to the client.
+    /// An operation failed for a reason the agent composed itself (a guest that never
+    /// answered, a domain in the wrong state); `message` is safe to show to the client.
     #[error("failed to {} VPS: {message}", op.verb())]
     Failed { op: Op, message: String },
+    /// An operation failed in the host's machinery (libvirt, qemu-img, the filesystem,
+    /// netlink): `detail` names host paths and library errors, so it goes to the log and
+    /// never into a customer's documents.
+    #[error("failed to {} VPS on the host: {detail}", op.verb())]
+    Host { op: Op, detail: String },
     #[error("internal error: {0}")]
     Internal(String),
     #[error("cancelled: the VPS is being deleted")]
@@ -106,6 +119,8 @@ impl VmError {
         match self {
             VmError::NotFound(_) => ErrorCode::VpsNotFound,
             VmError::Exists(_) => ErrorCode::VpsExists,
+            VmError::IdConflict { .. } => ErrorCode::VpsIdConflict,
+            VmError::SnapshotQuota(_) => ErrorCode::SnapshotQuotaExceeded,
             VmError::TaskInProgress { .. } => ErrorCode::TaskInProgress,
             VmError::TaskNotFound(_) => ErrorCode::TaskNotFound,
             VmError::InvalidState(_) => ErrorCode::InvalidState,
@@ -115,7 +130,7 @@ impl VmError {
             VmError::Ip(IpamError::InUse(_)) => ErrorCode::IpInUse,
             VmError::Ip(IpamError::OutsidePool { .. }) => ErrorCode::InvalidResources,
             VmError::HypervisorUnavailable(_) => ErrorCode::HypervisorUnavailable,
-            VmError::Failed { op, .. } => op.failed_code(),
+            VmError::Failed { op, .. } | VmError::Host { op, .. } => op.failed_code(),
             VmError::Internal(_) => ErrorCode::DeploymentFailed,
             VmError::Cancelled => ErrorCode::InvalidState,
             VmError::IpNotFound(_) => ErrorCode::IpNotFound,
@@ -132,28 +147,60 @@ impl VmError {
         }
     }
 
+    /// What a customer may see of this error: the message for errors the agent composed,
+    /// a short statement of what failed for errors from the host's machinery (whose
+    /// details, host paths and library messages, go to the log only).
+    pub fn public_message(&self) -> String {
+        match self {
+            VmError::Host { op, .. } => format!(
+                "failed to {} VPS: the host could not complete the operation",
+                op.verb()
+            ),
+            VmError::Internal(_) => "the operation failed inside the agent".into(),
+            VmError::HypervisorUnavailable(_) => "the hypervisor is unavailable".into(),
+            VmError::NetworkFailed(_) => "the host's network could not be configured".into(),
+            VmError::InsufficientStorage(_) => "no space left on the host's VM storage".into(),
+            VmError::Recorded { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// Wraps a hypervisor failure of `op`; an unreachable libvirt stays recognisable.
     pub fn hypervisor(op: Op, e: HypervisorError) -> VmError {
         match e {
             HypervisorError::Unavailable { .. } => VmError::HypervisorUnavailable(e.to_string()),
-            other => VmError::Failed {
+            other => VmError::Host {
                 op,
-                message: other.to_string(),
+                detail: other.to_string(),
             },
         }
     }
 
+    /// Wraps a storage failure of `op`; a full filesystem says so.
     pub fn storage(op: Op, e: StorageError) -> VmError {
-        VmError::Failed {
-            op,
-            message: e.to_string(),
+        let detail = e.to_string();
+        if detail.contains("No space left on device") {
+            return VmError::InsufficientStorage(format!("no space left on device: {detail}"));
+        }
+        VmError::Host { op, detail }
+    }
+
+    /// A host network failure: what the agent itself refuses (a kernel without 802.1Q) is
+    /// said as is; netlink's errors stay in the log.
+    pub fn network(e: crate::network::NetworkError) -> VmError {
+        match e {
+            crate::network::NetworkError::Unsupported(message) => VmError::Failed {
+                op: Op::Network,
+                message,
+            },
+            other => VmError::NetworkFailed(other.to_string()),
         }
     }
 
     pub fn cloud_init(op: Op, e: CloudInitError) -> VmError {
-        VmError::Failed {
+        VmError::Host {
             op,
-            message: e.to_string(),
+            detail: e.to_string(),
         }
     }
 }
@@ -167,6 +214,10 @@ impl From<StoreError> for VmError {
 impl crate::tasks::TaskFailure for VmError {
     fn code(&self) -> &'static str {
         VmError::code(self).as_str()
+    }
+
+    fn public_message(&self) -> String {
+        VmError::public_message(self)
     }
 
     fn from_engine(err: StoreError) -> Self {

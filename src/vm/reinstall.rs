@@ -163,9 +163,9 @@ impl ReinstallOp {
         if !prev.exists() {
             tokio::fs::rename(&disk, &prev)
                 .await
-                .map_err(|e| VmError::Failed {
+                .map_err(|e| VmError::Host {
                     op: Op::Deploy,
-                    message: format!("cannot set the old disk aside: {e}"),
+                    detail: format!("cannot set the old disk aside: {e}"),
                 })?;
         }
         let template = self
