@@ -104,6 +104,8 @@ fn agent_options(rig: &Rig) -> AgentOptions {
             VNI_FIRST + 99,
             gw6 = rig.gateway6,
         ),
+        // The paused guest below never lets go of its NIC: no need to wait the default.
+        env: vec![("HVNODE_NETWORK__UNPLUG_TIMEOUT_S".into(), "15".into())],
         ..Default::default()
     }
 }
