@@ -11,8 +11,9 @@ use base64::Engine;
 use crate::harness::*;
 
 /// Records what arrives on an interface (promiscuous) until its time is up: ARP as
-/// `arp op=N spa=A tpa=B`, neighbour solicitations and advertisements as
-/// `icmp6 type=N src=S target=T`, and any frame carrying `MARK:<word>` as that word.
+/// `arp op=N spa=A tpa=B sha=M`, router advertisements, neighbour solicitations and
+/// advertisements as `icmp6 type=N src=S target=T`, and any frame carrying `MARK:<word>`
+/// as `mark <word>`.
 /// Frames the interface sent itself are left out. Writes `ready` first.
 pub const SNIFF: &str = r#"
 import socket, struct, sys, time
@@ -34,8 +35,9 @@ with open(out, "w", buffering=1) as f:
         et = struct.unpack("!H", data[12:14])[0]
         if et == 0x0806 and len(data) >= 42:
             op = struct.unpack("!H", data[20:22])[0]
-            f.write("arp op=%d spa=%s tpa=%s\n" % (op, socket.inet_ntoa(data[28:32]), socket.inet_ntoa(data[38:42])))
-        elif et == 0x86DD and len(data) >= 78 and data[20] == 58 and data[54] in (135, 136):
+            sha = ":".join("%02x" % b for b in data[22:28])
+            f.write("arp op=%d spa=%s tpa=%s sha=%s\n" % (op, socket.inet_ntoa(data[28:32]), socket.inet_ntoa(data[38:42]), sha))
+        elif et == 0x86DD and len(data) >= 78 and data[20] == 58 and data[54] in (134, 135, 136):
             src = socket.inet_ntop(socket.AF_INET6, data[22:38])
             tgt = socket.inet_ntop(socket.AF_INET6, data[62:78])
             f.write("icmp6 type=%d src=%s target=%s\n" % (data[54], src, tgt))
@@ -47,9 +49,15 @@ with open(out, "w", buffering=1) as f:
 
 /// Sends frames from an interface, with its own MAC as source unless told otherwise:
 /// - `raw DST_MAC ETHERTYPE_HEX WORD [COUNT]`: a frame carrying `MARK:WORD`;
-/// - `arp SPA TPA [COUNT]`: an ARP request (`SPA` 0.0.0.0 makes it a probe);
+/// - `arp SPA TPA [COUNT] [SHA]`: an ARP request (`SPA` 0.0.0.0 makes it a probe; `SHA` a
+///   sender MAC other than the interface's);
 /// - `ns SRC6 TARGET6 [COUNT]`: a neighbour solicitation to the target's solicited-node
 ///   group (`SRC6` `::` makes it a duplicate address detection probe);
+/// - `ipv4 DST_MAC SRC DST WORD [VLAN|-] [SRC_MAC]`: a UDP datagram carrying `MARK:WORD`,
+///   802.1Q-tagged with `VLAN`, from `SRC_MAC`;
+/// - `ipv6 DST_MAC SRC6 DST6 WORD`: the same over IPv6;
+/// - `na DST_MAC SRC6 DST6 TARGET6`: a neighbour advertisement for `TARGET6`;
+/// - `ra DST_MAC SRC6 DST6`: a router advertisement;
 /// - `tap NAME DST_MAC WORD`: opens tap `NAME` (which must exist) and writes a frame
 ///   carrying `MARK:WORD` into it, as a VM's QEMU would.
 pub const SEND: &str = r#"
@@ -83,9 +91,43 @@ if kind == "raw":
     n = count(5)
 elif kind == "arp":
     spa, tpa = socket.inet_aton(args[2]), socket.inet_aton(args[3])
-    body = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + own + spa + b"\0" * 6 + tpa
+    sha = mac(args[5]) if len(args) > 5 else own
+    body = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + sha + spa + b"\0" * 6 + tpa
     frames = [b"\xff" * 6 + own + struct.pack("!H", 0x0806) + body.ljust(46, b"\0")]
     n = count(4)
+elif kind == "ipv4":
+    dst, src, dip, word = mac(args[2]), socket.inet_aton(args[3]), socket.inet_aton(args[4]), args[5]
+    vlan = args[6] if len(args) > 6 else "-"
+    smac = mac(args[7]) if len(args) > 7 else own
+    data = ("MARK:%s" % word).encode().ljust(32, b"\0")
+    udp = struct.pack("!HHHH", 40000, 9999, 8 + len(data), 0) + data
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0) + src + dip
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    tag = b"" if vlan == "-" else struct.pack("!HH", 0x8100, int(vlan))
+    frames = [dst + smac + tag + struct.pack("!H", 0x0800) + ip + udp]
+    n = 3
+elif kind in ("ipv6", "na", "ra"):
+    dst = mac(args[2])
+    src = socket.inet_pton(socket.AF_INET6, args[3])
+    dip = socket.inet_pton(socket.AF_INET6, args[4])
+    if kind == "ipv6":
+        data = ("MARK:%s" % args[5]).encode().ljust(32, b"\0")
+        payload = struct.pack("!HHHH", 40000, 9999, 8 + len(data), 0) + data
+        nh, hop = 17, 64
+    elif kind == "na":
+        tgt = socket.inet_pton(socket.AF_INET6, args[5])
+        payload = struct.pack("!BBHI", 136, 0, 0, 0x60000000) + tgt + struct.pack("!BB", 2, 1) + own
+        nh, hop = 58, 255
+    else:
+        payload = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0) + struct.pack("!BB", 1, 1) + own
+        nh, hop = 58, 255
+    pseudo = src + dip + struct.pack("!I", len(payload)) + b"\0\0\0" + bytes([nh])
+    c = csum(pseudo + payload)
+    at = 6 if nh == 17 else 2
+    payload = payload[:at] + struct.pack("!H", c) + payload[at + 2:]
+    ip6 = struct.pack("!IHBB", 0x60000000, len(payload), nh, hop) + src + dip
+    frames = [dst + own + struct.pack("!H", 0x86DD) + ip6 + payload]
+    n = 3
 elif kind == "ns":
     src = socket.inet_pton(socket.AF_INET6, args[2])
     tgt = socket.inet_pton(socket.AF_INET6, args[3])

@@ -204,7 +204,7 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
     }
     let ns = rig.netns.clone();
     let (mac_a, a4, a6) = addresses(&agent, &a).await;
-    let (_, b4, b6) = addresses(&agent, &b).await;
+    let (mac_b, b4, b6) = addresses(&agent, &b).await;
     let tap_a = agent.tap(&a, 0);
 
     // --- Flooding: the VM's port learns nothing and gets no unknown unicast or unregistered
@@ -287,6 +287,58 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
     assert!(
         !seen.contains(&format!("icmp6 type=135 src=:: target={b6}")),
         "A's DAD probe for B's IPv6 address is dropped: {seen}"
+    );
+
+    // --- Anti-spoofing, every rule, from inside A's guest towards B (which records what
+    // reaches it), each forgery beside the same frame sent honestly.
+    let foreign4 = rig.addr(250);
+    let foreign6 = "fd70::2ee";
+    let ll_a = hvnode::network::nft::link_local(hvnode::network::nft::parse_mac(&mac_a).unwrap());
+    guest_sniff(&b, "eth0", 40, "/root/spoof.out");
+    let sends = [
+        format!("eth0 ipv4 {mac_b} {a4} {b4} v4-own"),
+        format!("eth0 ipv4 {mac_b} {foreign4} {b4} v4-forged"),
+        format!("eth0 ipv4 {mac_b} {a4} {b4} mac-forged - 52:54:00:66:66:66"),
+        format!("eth0 ipv4 {mac_b} {a4} {b4} vlan-tagged 100"),
+        format!("eth0 raw {mac_b} 88b5 other-ethertype"),
+        format!("eth0 arp {a4} {b4}"),
+        format!("eth0 arp {a4} {b4} 3 52:54:00:99:99:99"),
+        format!("eth0 arp {foreign4} {b4}"),
+        format!("eth0 ipv6 {mac_b} {a6} {b6} v6-own"),
+        format!("eth0 ipv6 {mac_b} {foreign6} {b6} v6-forged"),
+        format!("eth0 na {mac_b} {a6} {b6} {a6}"),
+        format!("eth0 na {mac_b} {a6} {b6} {b6}"),
+        format!("eth0 ra {mac_b} {ll_a} {b6}"),
+    ];
+    for args in &sends {
+        guest_send(&a, args);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = guest_seen(&b, "/root/spoof.out");
+    for (crosses, what) in [
+        (true, "mark v4-own".to_owned()),
+        (false, "mark v4-forged".to_owned()),
+        (false, "mark mac-forged".to_owned()),
+        (false, "mark vlan-tagged".to_owned()),
+        (false, "mark other-ethertype".to_owned()),
+        (false, "sha=52:54:00:99:99:99".to_owned()),
+        (false, format!("spa={foreign4}")),
+        (true, "mark v6-own".to_owned()),
+        (false, "mark v6-forged".to_owned()),
+        (true, format!("icmp6 type=136 src={a6} target={a6}")),
+        (false, format!("icmp6 type=136 src={a6} target={b6}")),
+        (false, "icmp6 type=134".to_owned()),
+    ] {
+        assert_eq!(
+            seen.contains(&what),
+            crosses,
+            "`{what}` {} B: {seen}",
+            if crosses { "reaches" } else { "does not reach" }
+        );
+    }
+    assert!(
+        seen.contains(&format!("arp op=1 spa={a4} tpa={b4} sha={mac_a}")),
+        "A's honest ARP reaches B: {seen}"
     );
 
     // --- Fail closed: a port that looks like a VM's but has no chain drops everything,
