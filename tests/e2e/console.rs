@@ -479,7 +479,10 @@ async fn browser_screenshot(agent: &Agent, url: &str) -> Shot {
         cdp.send(Message::Text(shot_req.into())).await.unwrap();
         let mut got = 0;
         while got < 2 {
-            let Some(Ok(Message::Text(t))) = cdp.next().await else {
+            let reply = tokio::time::timeout(Duration::from_secs(30), cdp.next())
+                .await
+                .expect("DevTools answers within 30 s");
+            let Some(Ok(Message::Text(t))) = reply else {
                 panic!("DevTools connection ended")
             };
             let v: Value = serde_json::from_str(&t).unwrap();

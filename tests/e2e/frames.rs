@@ -164,7 +164,7 @@ pub fn guest_sniff(id: &str, dev: &str, seconds: u32, out: &str) {
     let (code, o) = guest_sh(
         id,
         &format!(
-            "ip link set {dev} promisc on; rm -f {out}; \
+            "pkill -f '^python3 /root/sniff.py'; ip link set {dev} promisc on; rm -f {out}; \
              nohup python3 /root/sniff.py {dev} {seconds} {out} >/dev/null 2>&1 &"
         ),
     );
@@ -206,6 +206,11 @@ pub fn ns_sniff(
 ) -> std::path::PathBuf {
     let out = dir.join(format!("{name}.out"));
     let _ = std::fs::remove_file(&out);
+    // The pattern is anchored: it must not match the shell that runs pkill.
+    let _ = ns_sh(
+        ns,
+        &format!("pkill -f '^python3 {}/sniff.py {dev} '", dir.display()),
+    );
     let mut child = std::process::Command::new("ip")
         .args(["netns", "exec", ns, "python3"])
         .arg(dir.join("sniff.py"))

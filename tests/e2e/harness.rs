@@ -299,13 +299,25 @@ dns = ["{gw}"]
         }
     }
 
-    /// SIGTERM, as systemd stops it; waits for the exit and returns its status.
+    /// SIGTERM, as systemd stops it; waits for the exit (30 s at most, as systemd's
+    /// TimeoutStopSec would, then SIGKILL and a failed test) and returns its status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("agent running");
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status();
-        c.wait().unwrap()
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("the agent did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn restart(&mut self) {
@@ -497,6 +509,21 @@ pub fn record_secret(rig: &Rig, secret: &str) {
     {
         // One write per line: tests append at once, and `writeln!` may split the newline off.
         let _ = f.write_all(format!("{secret}\n").as_bytes());
+    }
+}
+
+/// Records something the suite could not check on this machine, for its summary
+/// (`<rig root>/e2e-logs/gaps.txt`, printed by `tests/run`): a refusal is not a pass.
+pub fn record_gap(rig: &Rig, what: &str) {
+    use std::io::Write;
+    let logs = rig.root.join("e2e-logs");
+    let _ = std::fs::create_dir_all(&logs);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join("gaps.txt"))
+    {
+        let _ = f.write_all(format!("{what}\n").as_bytes());
     }
 }
 

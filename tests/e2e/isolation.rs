@@ -24,6 +24,9 @@ const UNDERLAY_LOCAL: &str = "10.98.0.1";
 const UNDERLAY_PEER: &str = "10.98.0.2";
 const UNDERLAY_STRANGER: &str = "10.98.0.3";
 const VNI_FIRST: u32 = 20000;
+/// How long a sniffer records: long enough for every sender of a check to have run, however
+/// slow guest-exec is on a loaded host (each check reads what arrived, then moves on).
+const SNIFF_S: u32 = 600;
 
 /// The second host and the observer, with their links; removed when dropped.
 struct Topology {
@@ -224,7 +227,7 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
             .any(|l| l.starts_with(&mac_a) && l.contains("static")),
         "A's MAC is a static entry on its port: {fdb}"
     );
-    guest_sniff(&a, "eth0", 30, "/root/flood.out");
+    guest_sniff(&a, "eth0", SNIFF_S, "/root/flood.out");
     for (dst, word) in [
         ("52:54:00:de:ad:01", "unknown-unicast"),
         (mac_a.as_str(), "to-a"),
@@ -260,7 +263,7 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
     assert!(ok, "A answers on its IPv6 address");
 
     // --- Duplicate-address probes: A may probe its own addresses, not B's.
-    guest_sniff(&b, "eth0", 30, "/root/dad.out");
+    guest_sniff(&b, "eth0", SNIFF_S, "/root/dad.out");
     guest_send(&a, &format!("eth0 arp 0.0.0.0 {b4}"));
     guest_send(&a, &format!("eth0 arp {a4} {b4}"));
     guest_send(&a, &format!("eth0 arp 0.0.0.0 {a4}"));
@@ -294,7 +297,7 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
     let foreign4 = rig.addr(250);
     let foreign6 = "fd70::2ee";
     let ll_a = hvnode::network::nft::link_local(hvnode::network::nft::parse_mac(&mac_a).unwrap());
-    guest_sniff(&b, "eth0", 40, "/root/spoof.out");
+    guest_sniff(&b, "eth0", SNIFF_S, "/root/spoof.out");
     let sends = [
         format!("eth0 ipv4 {mac_b} {a4} {b4} v4-own"),
         format!("eth0 ipv4 {mac_b} {foreign4} {b4} v4-forged"),
@@ -350,7 +353,7 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
     let orphan = format!("{}0badc0ffee009", agent.tap_prefix);
     topo.tap("hvitap0");
     topo.tap(&orphan);
-    let out = ns_sniff("hviobs", tools.path(), "hviobs1", 20, "orphan");
+    let out = ns_sniff("hviobs", tools.path(), "hviobs1", SNIFF_S, "orphan");
     ns_send(
         &ns,
         tools.path(),
@@ -398,7 +401,7 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
         .await;
     assert_eq!(s, 201, "{member}");
     let membership = member["data"]["membership_id"].as_str().unwrap().to_owned();
-    guest_sniff(&a, "eth1", 20, "/root/vxlan.out");
+    guest_sniff(&a, "eth1", SNIFF_S, "/root/vxlan.out");
     vxlan_send(UNDERLAY_PEER, vni, "c0de", "from-peer");
     vxlan_send(UNDERLAY_STRANGER, vni, "bad0", "from-stranger");
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -1,7 +1,7 @@
 //! Networking on real guests: extra IPs (add, remove, move), anti-spoofing seen from another
 //! bridge port, private networks on this host and across a VXLAN to a second "hypervisor"
-//! namespace, a 50 Mbit/s upload limit, and all of it back after the host's network was
-//! flushed and the agent restarted.
+//! namespace, a 50 Mbit/s limit both ways measured against an unshaped control, and all of
+//! it back after the host's network was flushed and the agent restarted.
 
 use std::io::Read;
 use std::net::{TcpListener, UdpSocket};
@@ -187,6 +187,100 @@ fn upload_mbps(rig: &Rig, id: &str) -> f64 {
     let (code, out) = guest_sh(id, &script);
     assert_eq!(code, 0, "sender failed: {out}");
     receiver.join().unwrap()
+}
+
+/// Measures the guest's download from a sender in the rig's namespace, in Mbit/s, over the
+/// steady part (after the first two seconds) of an 8 s transfer, as the guest counts it.
+fn download_mbps(rig: &Rig, id: &str, guest_ip: &str) -> f64 {
+    let receiver = "import socket,time\n\
+        l=socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        l.bind(('0.0.0.0', 5202)); l.listen(1); l.settimeout(60)\n\
+        c, _ = l.accept(); start = time.time(); steady = 0; t0 = None\n\
+        while True:\n    d = c.recv(65536)\n    if not d: break\n    \
+        if time.time() - start >= 2:\n        t0 = t0 or time.time(); steady += len(d)\n\
+        secs = (time.time() - t0) if t0 else 1.0\n\
+        open('/tmp/download.out', 'w').write('%f' % (steady * 8 / secs / 1e6))\n";
+    crate::frames::guest_write(id, "/tmp/receive.py", receiver);
+    let (code, out) = guest_sh(
+        id,
+        "rm -f /tmp/download.out; nohup python3 /tmp/receive.py >/dev/null 2>&1 &",
+    );
+    assert_eq!(code, 0, "{out}");
+    let target = format!("{guest_ip}:5202");
+    let sender = spawn_in_netns(&rig.netns, move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut c = loop {
+            match std::net::TcpStream::connect(&target) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("connect to the guest's receiver: {e}"),
+            }
+        };
+        let buf = vec![b'x'; 1 << 16];
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(8) {
+            if std::io::Write::write_all(&mut c, &buf).is_err() {
+                break;
+            }
+        }
+    });
+    sender.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out) = guest_sh(id, "cat /tmp/download.out 2>/dev/null");
+        if let Ok(mbps) = out.trim().parse::<f64>() {
+            return mbps;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest's receiver never reported"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A's 50 Mbit/s both ways, from the kernel's configuration and measured, against B
+/// (no limit) measured the same way in the same run: the limit is what holds A back, not
+/// a slow guest or a loaded host.
+fn check_bandwidth(
+    rig: &Rig,
+    agent: &Agent,
+    (a, ip_a): (&str, &str),
+    (b, ip_b): (&str, &str),
+    label: &str,
+) {
+    let (tap, ifb) = (
+        agent.tap(a, 0),
+        hvnode::network::ifb_name(a.parse().unwrap(), 0),
+    );
+    let (_, qdiscs) = ns_sh(
+        &rig.netns,
+        &format!("tc qdisc show dev {tap}; tc qdisc show dev {ifb}"),
+    );
+    assert_eq!(
+        qdiscs.matches("rate 50Mbit").count(),
+        2,
+        "{label}: the kernel shapes A's tap and IFB at 50 Mbit/s: {qdiscs}"
+    );
+    let (up_a, up_b) = (upload_mbps(rig, a), upload_mbps(rig, b));
+    let (down_a, down_b) = (download_mbps(rig, a, ip_a), download_mbps(rig, b, ip_b));
+    eprintln!(
+        "{label}: upload A {up_a:.1}, B {up_b:.1}; download A {down_a:.1}, B {down_b:.1} Mbit/s"
+    );
+    for (what, limited, free) in [("upload", up_a, up_b), ("download", down_a, down_b)] {
+        assert!(
+            (40.0..=60.0).contains(&limited),
+            "{label}: A's {what} {limited:.1} Mbit/s is not within 20% of 50"
+        );
+        assert!(
+            free > 1.5 * limited,
+            "{label}: B's unshaped {what} ({free:.1} Mbit/s) shows the path carries more \
+             than A's {limited:.1}"
+        );
+    }
 }
 
 async fn primary(agent: &Agent, vm: &str) -> String {
@@ -427,15 +521,44 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     // A member of network B on the second host, with an address in A's subnet: it must
     // still not reach A, because B's segment does not carry A's traffic.
     topo.peer_segment(vni_b, "hvpeerb", &format!("{net_of_a}.201"), prefix);
+    // …and one in B's own subnet, to show it does reach network B.
+    let subnet_b = net_b["data"]["subnet"].as_str().unwrap().to_owned();
+    let prefix_b: u8 = subnet_b.rsplit_once('/').unwrap().1.parse().unwrap();
+    let peer_in_b = format!("{}.200", subnet_b.rsplit_once('.').unwrap().0);
+    let (ok, out) = ns_sh(
+        "hvpeerb",
+        &format!("ip addr add {peer_in_b}/{prefix_b} dev eth0"),
+    );
+    assert!(ok, "{out}");
 
     let check_private = |label: &'static str| {
-        let (a, c, pa, pb) = (a.clone(), c.clone(), pa.clone(), pb.clone());
+        let (a, c, pa, pb, pc, peer_in_b) = (
+            a.clone(),
+            c.clone(),
+            pa.clone(),
+            pb.clone(),
+            pc.clone(),
+            peer_in_b.clone(),
+        );
         async move {
             let ok = eventually(Duration::from_secs(30), || {
                 guest_sh(&a, &format!("ping -c 1 -W 2 {pb}")).0 == 0
             })
             .await;
             assert!(ok, "{label}: A reaches B on network A");
+            // C's private NIC works: it reaches the second host's member of network B…
+            let ok = eventually(Duration::from_secs(30), || {
+                guest_sh(&c, &format!("arping -c 1 -w 2 -I eth1 {peer_in_b}")).0 == 0
+            })
+            .await;
+            if !ok {
+                eprintln!("--- {label}: diagnostics\n{}", vxlan_diagnostics(&c, vni_b));
+            }
+            assert!(
+                ok,
+                "{label}: C reaches network B's member on the second host"
+            );
+            // …over the same NIC, it does not reach network A's members.
             let (code, _) = guest_sh(&c, &format!("arping -c 2 -w 3 -I eth1 {pa}"));
             assert_ne!(code, 0, "{label}: C (network B) does not reach A");
             let (code, _) = guest_sh(&c, &format!("arping -c 2 -w 3 -I eth1 {pb}"));
@@ -451,6 +574,16 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
                 ok,
                 "{label}: the second host's member of A reaches A over VXLAN"
             );
+            // The second host's member of network B reaches C, on network B…
+            let ok = eventually(Duration::from_secs(30), || {
+                ns_sh("hvpeerb", &format!("ping -c 1 -W 2 {pc}")).0
+            })
+            .await;
+            assert!(
+                ok,
+                "{label}: the second host's member of B reaches C over VXLAN"
+            );
+            // …and not A, though it holds an address in A's subnet.
             let (reached, out) = ns_sh("hvpeerb", &format!("ping -c 2 -W 2 {pa}"));
             assert!(out.contains("packets transmitted"), "ping ran: {out}");
             assert!(
@@ -462,14 +595,9 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     check_private("before the flush").await;
     let (_, vm_a) = agent.get(&format!("/v1/vms/{a}")).await;
     assert_eq!(vm_a["data"]["private_networks"][0]["address"], json!(pa));
-    let _ = pc;
 
-    // --- bandwidth: A's upload is limited to 50 Mbit/s.
-    let mbps = upload_mbps(&rig, &a);
-    assert!(
-        (40.0..=60.0).contains(&mbps),
-        "upload {mbps:.1} Mbit/s is not within 20% of 50"
-    );
+    // --- bandwidth: A is limited to 50 Mbit/s both ways, B (no limit) is the control.
+    check_bandwidth(&rig, &agent, (&a, &ip_a), (&b, &ip_b), "before the flush");
 
     // --- a host reboot: bridges, tunnels, limits and filters are gone; the agent restarts.
     agent.kill();
@@ -517,11 +645,7 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     assert!(nft.contains(&taps[0]), "filters are back: {nft}");
     check_spoofing("after the flush").await;
     check_private("after the flush").await;
-    let mbps = upload_mbps(&rig, &a);
-    assert!(
-        (40.0..=60.0).contains(&mbps),
-        "after the flush, upload {mbps:.1} Mbit/s"
-    );
+    check_bandwidth(&rig, &agent, (&a, &ip_a), (&b, &ip_b), "after the flush");
 
     // --- detach, delete networks, delete VMs: nothing of theirs is left on the host.
     // C is deleted while still a member of B: its membership goes with it.

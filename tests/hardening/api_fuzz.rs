@@ -30,7 +30,11 @@ async fn schemathesis_finds_no_server_error_and_no_response_outside_the_document
         },
     );
     let report = agent.dir.join("schemathesis");
-    let out = Command::new(schemathesis())
+    // A deadline for the whole run: a fuzzer that hangs fails the test instead of the
+    // suite's own limit.
+    let out = Command::new("timeout")
+        .args(["--kill-after=10", "900"])
+        .arg(schemathesis())
         // Its cache (`.schemathesis/`) goes with the agent's directory, not the checkout.
         .current_dir(&agent.dir)
         .arg("run")
