@@ -152,6 +152,14 @@ impl VmError {
     /// details, host paths and library messages, go to the log only).
     pub fn public_message(&self) -> String {
         match self {
+            // A full filesystem is the one host cause the control plane must act on
+            // (move the VPS, page the operator), and it names nothing of the host.
+            VmError::Host { op, detail } if detail.contains("No space left on device") => {
+                format!(
+                    "failed to {} VPS: no space left on the host's VM storage",
+                    op.verb()
+                )
+            }
             VmError::Host { op, .. } => format!(
                 "failed to {} VPS: the host could not complete the operation",
                 op.verb()
