@@ -687,7 +687,8 @@ fn check_pool(key: &str, pool: &IpPoolConfig, v4: bool) -> Result<(), ConfigErro
             "{key}: {r} is not an {family} address"
         )));
     }
-    if crate::network::ip_to_u128(pool.first) > crate::network::ip_to_u128(pool.last) {
+    // Both ends are of the pool's family (checked above), so `IpAddr`'s order is numeric.
+    if pool.first > pool.last {
         return Err(ConfigError::Invalid(format!(
             "{key}.first is after {key}.last"
         )));

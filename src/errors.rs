@@ -1,186 +1,136 @@
 //! The contract's error codes (`node-api.md`), as domain facts.
 //!
 //! Domain errors say which code they are (`VmError::code`); task records store the code;
-//! `api::error` maps each code to its HTTP status in one table. Codes are fixed by the
-//! contract: add, never rename.
+//! the answer's HTTP status and title come from the same row. Every code is declared once,
+//! in the table below: its variant, its wire name, its HTTP status and its short title.
+//! Codes are fixed by the contract: add, never rename.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorCode {
-    NoApiKey,
-    InvalidApiKey,
-    VpsNotFound,
-    TaskNotFound,
-    SnapshotNotFound,
-    NetworkNotFound,
-    IpNotFound,
-    RouteNotFound,
-    MethodNotAllowed,
-    VpsExists,
-    TaskInProgress,
-    InvalidState,
-    MissingFields,
-    InvalidJson,
-    InvalidHostname,
-    PasswordTooShort,
-    PasswordTooLong,
-    PasswordWeak,
-    InvalidSshKey,
-    InvalidTemplate,
-    InvalidName,
-    InvalidResources,
-    ConfirmationRequired,
-    InsufficientCapacity,
-    IpPoolExhausted,
-    IpInUse,
-    PrimaryIp,
-    InvalidTicket,
-    PayloadTooLarge,
-    HypervisorUnavailable,
-    StartFailed,
-    StopFailed,
-    RestartFailed,
-    DeleteFailed,
-    StatusFailed,
-    ConsoleFailed,
-    DeploymentFailed,
+/// Declares the codes: `Variant = ("WIRE_NAME", http_status, "Title")`, in contract order.
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $variant:ident = ($name:literal, $status:literal, $title:literal),)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl ErrorCode {
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The wire name, as `error_code` carries it.
+            pub fn as_str(self) -> &'static str {
+                self.describe().0
+            }
+
+            /// The wire name, the HTTP status of an answer with this code, and its title
+            /// (the answer's `error`).
+            pub fn describe(self) -> (&'static str, u16, &'static str) {
+                match self {
+                    $(ErrorCode::$variant => ($name, $status, $title),)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    NoApiKey = ("NO_API_KEY", 401, "API key required"),
+    InvalidApiKey = ("INVALID_API_KEY", 401, "Invalid API key"),
+    VpsNotFound = ("VPS_NOT_FOUND", 404, "VPS not found"),
+    TaskNotFound = ("TASK_NOT_FOUND", 404, "Task not found"),
+    SnapshotNotFound = ("SNAPSHOT_NOT_FOUND", 404, "Snapshot not found"),
+    NetworkNotFound = ("NETWORK_NOT_FOUND", 404, "Network not found"),
+    IpNotFound = ("IP_NOT_FOUND", 404, "IP not found"),
+    RouteNotFound = ("ROUTE_NOT_FOUND", 404, "Route not found"),
+    MethodNotAllowed = ("METHOD_NOT_ALLOWED", 405, "Method not allowed"),
+    VpsExists = ("VPS_EXISTS", 409, "VPS already exists"),
+    TaskInProgress = ("TASK_IN_PROGRESS", 409, "Task in progress"),
+    InvalidState = ("INVALID_STATE", 409, "Invalid state"),
+    MissingFields = ("MISSING_FIELDS", 400, "Missing fields"),
+    InvalidJson = ("INVALID_JSON", 400, "Invalid request body"),
+    InvalidHostname = ("INVALID_HOSTNAME", 400, "Invalid hostname"),
+    PasswordTooShort = ("PASSWORD_TOO_SHORT", 400, "Password too short"),
+    PasswordTooLong = ("PASSWORD_TOO_LONG", 400, "Password too long"),
+    PasswordWeak = ("PASSWORD_WEAK", 400, "Password too weak"),
+    InvalidSshKey = ("INVALID_SSH_KEY", 400, "Invalid SSH key"),
+    InvalidTemplate = ("INVALID_TEMPLATE", 400, "Invalid template"),
+    InvalidName = ("INVALID_NAME", 400, "Invalid name"),
+    InvalidResources = ("INVALID_RESOURCES", 400, "Invalid resources"),
+    ConfirmationRequired = ("CONFIRMATION_REQUIRED", 400, "Confirmation required"),
+    InsufficientCapacity = ("INSUFFICIENT_CAPACITY", 409, "Insufficient capacity"),
+    IpPoolExhausted = ("IP_POOL_EXHAUSTED", 409, "IP pool exhausted"),
+    IpInUse = ("IP_IN_USE", 409, "IP in use"),
+    PrimaryIp = ("PRIMARY_IP", 400, "Primary IP"),
+    InvalidTicket = ("INVALID_TICKET", 403, "Invalid ticket"),
+    PayloadTooLarge = ("PAYLOAD_TOO_LARGE", 413, "Payload too large"),
+    HypervisorUnavailable = ("HYPERVISOR_UNAVAILABLE", 503, "Hypervisor unavailable"),
+    StartFailed = ("START_FAILED", 500, "Start failed"),
+    StopFailed = ("STOP_FAILED", 500, "Stop failed"),
+    RestartFailed = ("RESTART_FAILED", 500, "Restart failed"),
+    DeleteFailed = ("DELETE_FAILED", 500, "Delete failed"),
+    StatusFailed = ("STATUS_FAILED", 500, "Status failed"),
+    ConsoleFailed = ("CONSOLE_FAILED", 500, "Console failed"),
+    DeploymentFailed = ("DEPLOYMENT_FAILED", 500, "Deployment failed"),
     /// Added to the contract's list: the host's network (bridges, tunnels, filters) could
     /// not be configured.
-    NetworkFailed,
+    NetworkFailed = ("NETWORK_FAILED", 500, "Network configuration failed"),
     /// Added: a WebSocket route was called without a WebSocket upgrade (426).
-    WebsocketRequired,
+    WebsocketRequired = ("WEBSOCKET_REQUIRED", 426, "WebSocket upgrade required"),
     /// Added: the VM already has a snapshot of that name (409).
-    SnapshotExists,
+    SnapshotExists = ("SNAPSHOT_EXISTS", 409, "Snapshot exists"),
     /// Added: the VM holds the configured maximum of snapshots (409).
-    SnapshotLimit,
+    SnapshotLimit = ("SNAPSHOT_LIMIT", 409, "Snapshot limit reached"),
     /// Added: the VM storage would fall below its free-space floor (507).
-    InsufficientStorage,
+    InsufficientStorage = ("INSUFFICIENT_STORAGE", 507, "Insufficient storage"),
     /// Added: taking, reverting to or deleting a snapshot failed on the host (500).
-    SnapshotFailed,
+    SnapshotFailed = ("SNAPSHOT_FAILED", 500, "Snapshot failed"),
     /// Added: a private network with the requested VNI or an overlapping subnet exists (409).
-    NetworkExists,
+    NetworkExists = ("NETWORK_EXISTS", 409, "Network exists"),
     /// Added: the request body did not arrive within `api.body_timeout_ms` (408).
-    RequestTimeout,
+    RequestTimeout = ("REQUEST_TIMEOUT", 408, "Request timeout"),
     /// Added: the node or the VM already has its maximum of console sessions open (409).
-    ConsoleLimit,
+    ConsoleLimit = ("CONSOLE_LIMIT", 409, "Console session limit reached"),
     /// Added: a VM's snapshots would hold more than its allowance
     /// (`snapshots.max_percent_of_disk`) (409).
-    SnapshotQuotaExceeded,
+    SnapshotQuotaExceeded = ("SNAPSHOT_QUOTA_EXCEEDED", 409, "Snapshot quota exceeded"),
     /// Added: the VM's id shares the part its device names carry with another VM's (409).
-    VpsIdConflict,
+    VpsIdConflict = ("VPS_ID_CONFLICT", 409, "VPS id conflict"),
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 48] = [
-        ErrorCode::NoApiKey,
-        ErrorCode::InvalidApiKey,
-        ErrorCode::VpsNotFound,
-        ErrorCode::TaskNotFound,
-        ErrorCode::SnapshotNotFound,
-        ErrorCode::NetworkNotFound,
-        ErrorCode::IpNotFound,
-        ErrorCode::RouteNotFound,
-        ErrorCode::MethodNotAllowed,
-        ErrorCode::VpsExists,
-        ErrorCode::TaskInProgress,
-        ErrorCode::InvalidState,
-        ErrorCode::MissingFields,
-        ErrorCode::InvalidJson,
-        ErrorCode::InvalidHostname,
-        ErrorCode::PasswordTooShort,
-        ErrorCode::PasswordTooLong,
-        ErrorCode::PasswordWeak,
-        ErrorCode::InvalidSshKey,
-        ErrorCode::InvalidTemplate,
-        ErrorCode::InvalidName,
-        ErrorCode::InvalidResources,
-        ErrorCode::ConfirmationRequired,
-        ErrorCode::InsufficientCapacity,
-        ErrorCode::IpPoolExhausted,
-        ErrorCode::IpInUse,
-        ErrorCode::PrimaryIp,
-        ErrorCode::InvalidTicket,
-        ErrorCode::PayloadTooLarge,
-        ErrorCode::HypervisorUnavailable,
-        ErrorCode::StartFailed,
-        ErrorCode::StopFailed,
-        ErrorCode::RestartFailed,
-        ErrorCode::DeleteFailed,
-        ErrorCode::StatusFailed,
-        ErrorCode::ConsoleFailed,
-        ErrorCode::DeploymentFailed,
-        ErrorCode::NetworkFailed,
-        ErrorCode::WebsocketRequired,
-        ErrorCode::SnapshotExists,
-        ErrorCode::SnapshotLimit,
-        ErrorCode::InsufficientStorage,
-        ErrorCode::SnapshotFailed,
-        ErrorCode::NetworkExists,
-        ErrorCode::RequestTimeout,
-        ErrorCode::ConsoleLimit,
-        ErrorCode::SnapshotQuotaExceeded,
-        ErrorCode::VpsIdConflict,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::NoApiKey => "NO_API_KEY",
-            ErrorCode::InvalidApiKey => "INVALID_API_KEY",
-            ErrorCode::VpsNotFound => "VPS_NOT_FOUND",
-            ErrorCode::TaskNotFound => "TASK_NOT_FOUND",
-            ErrorCode::SnapshotNotFound => "SNAPSHOT_NOT_FOUND",
-            ErrorCode::NetworkNotFound => "NETWORK_NOT_FOUND",
-            ErrorCode::IpNotFound => "IP_NOT_FOUND",
-            ErrorCode::RouteNotFound => "ROUTE_NOT_FOUND",
-            ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
-            ErrorCode::VpsExists => "VPS_EXISTS",
-            ErrorCode::TaskInProgress => "TASK_IN_PROGRESS",
-            ErrorCode::InvalidState => "INVALID_STATE",
-            ErrorCode::MissingFields => "MISSING_FIELDS",
-            ErrorCode::InvalidJson => "INVALID_JSON",
-            ErrorCode::InvalidHostname => "INVALID_HOSTNAME",
-            ErrorCode::PasswordTooShort => "PASSWORD_TOO_SHORT",
-            ErrorCode::PasswordTooLong => "PASSWORD_TOO_LONG",
-            ErrorCode::PasswordWeak => "PASSWORD_WEAK",
-            ErrorCode::InvalidSshKey => "INVALID_SSH_KEY",
-            ErrorCode::InvalidTemplate => "INVALID_TEMPLATE",
-            ErrorCode::InvalidName => "INVALID_NAME",
-            ErrorCode::InvalidResources => "INVALID_RESOURCES",
-            ErrorCode::ConfirmationRequired => "CONFIRMATION_REQUIRED",
-            ErrorCode::InsufficientCapacity => "INSUFFICIENT_CAPACITY",
-            ErrorCode::IpPoolExhausted => "IP_POOL_EXHAUSTED",
-            ErrorCode::IpInUse => "IP_IN_USE",
-            ErrorCode::PrimaryIp => "PRIMARY_IP",
-            ErrorCode::InvalidTicket => "INVALID_TICKET",
-            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
-            ErrorCode::HypervisorUnavailable => "HYPERVISOR_UNAVAILABLE",
-            ErrorCode::StartFailed => "START_FAILED",
-            ErrorCode::StopFailed => "STOP_FAILED",
-            ErrorCode::RestartFailed => "RESTART_FAILED",
-            ErrorCode::DeleteFailed => "DELETE_FAILED",
-            ErrorCode::StatusFailed => "STATUS_FAILED",
-            ErrorCode::ConsoleFailed => "CONSOLE_FAILED",
-            ErrorCode::DeploymentFailed => "DEPLOYMENT_FAILED",
-            ErrorCode::NetworkFailed => "NETWORK_FAILED",
-            ErrorCode::WebsocketRequired => "WEBSOCKET_REQUIRED",
-            ErrorCode::SnapshotExists => "SNAPSHOT_EXISTS",
-            ErrorCode::SnapshotLimit => "SNAPSHOT_LIMIT",
-            ErrorCode::InsufficientStorage => "INSUFFICIENT_STORAGE",
-            ErrorCode::SnapshotFailed => "SNAPSHOT_FAILED",
-            ErrorCode::NetworkExists => "NETWORK_EXISTS",
-            ErrorCode::RequestTimeout => "REQUEST_TIMEOUT",
-            ErrorCode::ConsoleLimit => "CONSOLE_LIMIT",
-            ErrorCode::SnapshotQuotaExceeded => "SNAPSHOT_QUOTA_EXCEEDED",
-            ErrorCode::VpsIdConflict => "VPS_ID_CONFLICT",
-        }
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.iter().copied().find(|c| c.as_str() == s)
     }
 
-    pub fn parse(s: &str) -> Option<ErrorCode> {
-        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    /// The HTTP status of an answer with this code.
+    pub fn status(self) -> u16 {
+        self.describe().1
+    }
+
+    /// The short `error` text of an answer with this code.
+    pub fn title(self) -> &'static str {
+        self.describe().2
     }
 }
 
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    #[test]
+    fn every_code_has_one_name_a_real_status_and_a_title() {
+        let mut names = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            let (name, status, title) = code.describe();
+            assert!(names.insert(name), "{name} is declared twice");
+            assert!((400..600).contains(&status), "{name}: {status}");
+            assert!(!title.is_empty(), "{name} has a title");
+            assert_eq!(ErrorCode::parse(name), Some(*code));
+        }
     }
 }

@@ -42,41 +42,7 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
-        command: CtlCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum CtlCommand {
-    /// List VMs.
-    Vms {
-        #[arg(long)]
-        status: Option<String>,
-    },
-    /// Show one VM.
-    Vm { id: String },
-    /// Start a VM.
-    Start { id: String },
-    /// Stop a VM (ACPI, then power-off after the timeout).
-    Stop {
-        id: String,
-        #[arg(long)]
-        force: bool,
-        #[arg(long, default_value_t = 60)]
-        timeout: u64,
-    },
-    /// Restart a VM.
-    Restart { id: String },
-    /// Show the deployment progress of a VM.
-    Deployment { id: String },
-    /// Show the node.
-    Node,
-    /// Show the agent's health.
-    Health,
-    /// List recent tasks.
-    Tasks {
-        #[arg(long)]
-        vps: Option<String>,
+        command: ctl::Command,
     },
 }
 
@@ -143,87 +109,7 @@ fn main() -> ExitCode {
             command,
         } => {
             let socket = socket.unwrap_or_else(|| config.api.socket.clone());
-            runtime.block_on(run_ctl(&socket, json, command))
+            runtime.block_on(ctl::run(&socket, json, command))
         }
     }
-}
-
-async fn run_ctl(socket: &std::path::Path, json: bool, command: CtlCommand) -> ExitCode {
-    let client = ctl::Client::new(socket);
-    let (method, path, render): (&str, String, fn(&serde_json::Value) -> String) = match &command {
-        CtlCommand::Vms { status } => (
-            "GET",
-            match status {
-                Some(s) => format!("/v1/vms?limit=100&status={}", urlencode(s)),
-                None => "/v1/vms?limit=100".into(),
-            },
-            ctl::render_vms,
-        ),
-        CtlCommand::Vm { id } => (
-            "GET",
-            format!("/v1/vms/{}", urlencode(id)),
-            ctl::render_fields,
-        ),
-        CtlCommand::Start { id } => (
-            "POST",
-            format!("/v1/vms/{}/start", urlencode(id)),
-            ctl::render_fields,
-        ),
-        CtlCommand::Stop { id, force, timeout } => (
-            "POST",
-            format!(
-                "/v1/vms/{}/stop?force={force}&timeout_s={timeout}",
-                urlencode(id)
-            ),
-            ctl::render_fields,
-        ),
-        CtlCommand::Restart { id } => (
-            "POST",
-            format!("/v1/vms/{}/restart", urlencode(id)),
-            ctl::render_fields,
-        ),
-        CtlCommand::Deployment { id } => (
-            "GET",
-            format!("/v1/vms/{}/deployment", urlencode(id)),
-            ctl::render_fields,
-        ),
-        CtlCommand::Node => ("GET", "/v1/node".into(), ctl::render_fields),
-        CtlCommand::Health => ("GET", "/v1/health".into(), ctl::render_fields),
-        CtlCommand::Tasks { vps } => (
-            "GET",
-            match vps {
-                Some(v) => format!("/v1/tasks?vps_id={}", urlencode(v)),
-                None => "/v1/tasks".into(),
-            },
-            ctl::render_fields,
-        ),
-    };
-    match client.call(method, &path, None).await {
-        Ok(data) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&data).unwrap_or_default()
-                );
-            } else {
-                print!("{}", render(&data));
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("hvnode ctl: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

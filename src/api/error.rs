@@ -8,93 +8,9 @@ use serde::Serialize;
 use crate::errors::ErrorCode;
 use crate::vm::VmError;
 
-/// The HTTP status of every contract error code.
+/// The HTTP status of an answer with `code` (declared with the code in `crate::errors`).
 pub fn http_status(code: ErrorCode) -> StatusCode {
-    use ErrorCode::*;
-    match code {
-        NoApiKey | InvalidApiKey => StatusCode::UNAUTHORIZED,
-        InvalidTicket => StatusCode::FORBIDDEN,
-        VpsNotFound | TaskNotFound | SnapshotNotFound | NetworkNotFound | IpNotFound
-        | RouteNotFound => StatusCode::NOT_FOUND,
-        MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        VpsExists
-        | TaskInProgress
-        | InvalidState
-        | InsufficientCapacity
-        | IpPoolExhausted
-        | IpInUse
-        | SnapshotExists
-        | SnapshotLimit
-        | NetworkExists
-        | ConsoleLimit
-        | SnapshotQuotaExceeded
-        | VpsIdConflict => StatusCode::CONFLICT,
-        MissingFields | InvalidJson | InvalidHostname | PasswordTooShort | PasswordTooLong
-        | PasswordWeak | InvalidSshKey | InvalidTemplate | InvalidName | InvalidResources
-        | ConfirmationRequired | PrimaryIp => StatusCode::BAD_REQUEST,
-        PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        HypervisorUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-        StartFailed | StopFailed | RestartFailed | DeleteFailed | StatusFailed | ConsoleFailed
-        | DeploymentFailed | NetworkFailed | SnapshotFailed => StatusCode::INTERNAL_SERVER_ERROR,
-        WebsocketRequired => StatusCode::UPGRADE_REQUIRED,
-        InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
-        RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-    }
-}
-
-/// The short `error` text for a code.
-fn title(code: ErrorCode) -> &'static str {
-    use ErrorCode::*;
-    match code {
-        NoApiKey => "API key required",
-        InvalidApiKey => "Invalid API key",
-        VpsNotFound => "VPS not found",
-        TaskNotFound => "Task not found",
-        SnapshotNotFound => "Snapshot not found",
-        NetworkNotFound => "Network not found",
-        IpNotFound => "IP not found",
-        RouteNotFound => "Route not found",
-        MethodNotAllowed => "Method not allowed",
-        VpsExists => "VPS already exists",
-        TaskInProgress => "Task in progress",
-        InvalidState => "Invalid state",
-        MissingFields => "Missing fields",
-        InvalidJson => "Invalid request body",
-        InvalidHostname => "Invalid hostname",
-        PasswordTooShort => "Password too short",
-        PasswordTooLong => "Password too long",
-        PasswordWeak => "Password too weak",
-        InvalidSshKey => "Invalid SSH key",
-        InvalidTemplate => "Invalid template",
-        InvalidName => "Invalid name",
-        InvalidResources => "Invalid resources",
-        ConfirmationRequired => "Confirmation required",
-        InsufficientCapacity => "Insufficient capacity",
-        IpPoolExhausted => "IP pool exhausted",
-        IpInUse => "IP in use",
-        PrimaryIp => "Primary IP",
-        InvalidTicket => "Invalid ticket",
-        PayloadTooLarge => "Payload too large",
-        HypervisorUnavailable => "Hypervisor unavailable",
-        StartFailed => "Start failed",
-        StopFailed => "Stop failed",
-        RestartFailed => "Restart failed",
-        DeleteFailed => "Delete failed",
-        StatusFailed => "Status failed",
-        ConsoleFailed => "Console failed",
-        DeploymentFailed => "Deployment failed",
-        NetworkFailed => "Network configuration failed",
-        WebsocketRequired => "WebSocket upgrade required",
-        SnapshotExists => "Snapshot exists",
-        SnapshotLimit => "Snapshot limit reached",
-        InsufficientStorage => "Insufficient storage",
-        SnapshotFailed => "Snapshot failed",
-        NetworkExists => "Network exists",
-        RequestTimeout => "Request timeout",
-        ConsoleLimit => "Console session limit reached",
-        SnapshotQuotaExceeded => "Snapshot quota exceeded",
-        VpsIdConflict => "VPS id conflict",
-    }
+    StatusCode::from_u16(code.status()).expect("every declared status is a valid HTTP status")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +63,7 @@ impl IntoResponse for ApiError {
         let status = http_status(self.code);
         let body = ErrorBody {
             success: false,
-            error: title(self.code),
+            error: self.code.title(),
             error_code: self.code.as_str(),
             message: &self.message,
         };

@@ -6,6 +6,7 @@
 //! async runtime free. The connection is opened lazily and reopened after libvirtd restarts,
 //! so the agent keeps serving (health reports `degraded`) while libvirt is away.
 
+pub mod guest;
 mod libvirt;
 pub mod snapshot;
 mod stats;

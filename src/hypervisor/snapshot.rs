@@ -42,6 +42,19 @@ pub async fn disk_node(hv: &dyn Hypervisor, id: Uuid, path: &str) -> Result<Stri
         .ok_or_else(|| failed(format!("the running domain has no qcow2 disk at {path}")))
 }
 
+/// The virtual size QEMU sees for block node `node` (after a live resize or a revert);
+/// `None` when no device has that node inserted.
+pub async fn virtual_size(hv: &dyn Hypervisor, id: Uuid, node: &str) -> Result<Option<u64>> {
+    let block = hv.qmp(id, json!({"execute": "query-block"})).await?;
+    Ok(block
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.get("inserted"))
+        .find(|i| i["node-name"].as_str() == Some(node))
+        .and_then(|i| i["image"]["virtual-size"].as_u64()))
+}
+
 /// The internal snapshots the disk node holds, by name.
 pub async fn names(hv: &dyn Hypervisor, id: Uuid, node: &str) -> Result<Vec<String>> {
     let nodes = hv

@@ -147,6 +147,8 @@ pub struct Busy {
     pub kind: &'static str,
 }
 
+/// Cheap to clone: clones share the journal, the claims and the slots.
+#[derive(Clone)]
 pub struct TaskEngine {
     store: Store,
     busy: BusyMap,
@@ -234,6 +236,15 @@ impl TaskEngine {
     }
 
     /// Runs the task recorded under `claim.task()` to its end, continuing from its journal.
+    /// Runs `op` under `claim` in the background: the task belongs to no request and no
+    /// caller; its end is in the journal.
+    pub fn launch<O: Operation>(&self, claim: Claim, kind: &'static str, op: O) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let _ = engine.run(claim, kind, op).await;
+        });
+    }
+
     pub async fn run<O: Operation>(&self, claim: Claim, kind: &str, op: O) -> Result<(), O::Error> {
         let task_id = claim.task();
         let ctx = StepCtx {

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::model::{domain_name, CreateAccepted, CreateVmRequest, VmSpec, VmStatus, CREATE_STEPS};
-use super::net::{self, VmNet};
-use super::{domain_xml, readiness, validate, Ctx, Op, VmError, VmManager};
-use crate::cloudinit::{self, SeedInput};
+use super::domain::{define, ensure_off, remove_domain, write_seed};
+use super::model::{CreateAccepted, CreateVmRequest, VmSpec, VmStatus, CREATE_STEPS};
+use super::net;
+use super::{readiness, validate, Ctx, Op, TaskKind, VmError, VmManager};
+use crate::cloudinit;
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::network::{self, ipam::IpamError};
 use crate::store::{self, NewTask, VmRow, VmRowState};
@@ -40,7 +41,7 @@ impl VmManager {
         if let Some(existing) = self.repeated_create(&spec).await? {
             return Ok(existing);
         }
-        let claim = match ctx.claim(spec.id, "create") {
+        let claim = match ctx.claim(spec.id, TaskKind::Create) {
             Ok(c) => c,
             // Two identical creates racing: the loser answers with the winner's task.
             Err(busy) => return self.repeated_create(&spec).await?.ok_or(busy),
@@ -60,10 +61,7 @@ impl VmManager {
             ctx: self.ctx.clone(),
             id: vm.id,
         };
-        let engine_ctx = self.ctx.clone();
-        tokio::spawn(async move {
-            let _ = engine_ctx.engine.run(claim, "create", op).await;
-        });
+        ctx.engine.launch(claim, TaskKind::Create.as_str(), op);
         Ok(accepted)
     }
 
@@ -83,7 +81,7 @@ impl VmManager {
         }
         let task = ctx
             .store
-            .call(move |c| store::tasks::latest_of_kind(c, id, "create"))
+            .call(move |c| store::tasks::latest_of_kind(c, id, TaskKind::Create.as_str()))
             .await?
             .ok_or(VmError::Exists(id))?;
         let status = match existing.state {
@@ -192,7 +190,7 @@ async fn admit(
                 &tx,
                 &NewTask {
                     id: task_id,
-                    kind: "create",
+                    kind: TaskKind::Create.as_str(),
                     vps_id: vm.id,
                     input: serde_json::json!({}),
                     steps: CREATE_STEPS,
@@ -403,118 +401,6 @@ fn deployment_webhook(
     })
 }
 
-/// The domain XML of `vm` with the NICs of `net`.
-pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> Result<String, VmError> {
-    let lv = &ctx.config.libvirt;
-    let dir = ctx.disks.dir(vm.id);
-    let (disk, seed, nvram, console_log) = (
-        ctx.disks.disk_path(vm.id),
-        ctx.disks.seed_path(vm.id),
-        dir.join("nvram.fd"),
-        ctx.disks.console_log_path(vm.id),
-    );
-    let specs = net.all();
-    let nics: Vec<domain_xml::Nic<'_>> = specs
-        .iter()
-        .map(|n| domain_xml::Nic {
-            mac: &n.mac,
-            bridge: &n.bridge,
-            tap: &n.tap,
-        })
-        .collect();
-    // A linked clone's template, as the disk itself names it (an older build for a VM
-    // cloned before the template was rebuilt).
-    let backing = match crate::storage::backing(&disk) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        other => other,
-    }
-    .map_err(|e| VmError::Host {
-        op: Op::Deploy,
-        detail: format!("cannot read the backing file of {}: {e}", disk.display()),
-    })?;
-    let cpu_mode = match lv.accelerator {
-        crate::config::Accelerator::Tcg => None,
-        crate::config::Accelerator::Kvm => {
-            (!lv.cpu_mode.is_empty()).then_some(lv.cpu_mode.as_str())
-        }
-    };
-    // Validation keeps client text XML-safe already; a value XML cannot carry is refused
-    // here too rather than altered on its way to libvirt.
-    domain_xml::try_render(&domain_xml::DomainSpec {
-        id: vm.id,
-        name: &domain_name(vm.id),
-        title: &vm.hostname,
-        template_id: &vm.template_id,
-        accelerator: lv.accelerator,
-        machine: &lv.machine,
-        cpu_mode,
-        vcpus: vm.cpu_cores,
-        memory_mib: vm.ram_mb,
-        ovmf_code: &lv.ovmf_code,
-        ovmf_vars: &lv.ovmf_vars,
-        nvram: &nvram,
-        disk: &disk,
-        backing: backing.as_ref().map(|(f, fmt)| (f.as_path(), fmt.as_str())),
-        seed: &seed,
-        console_log: &console_log,
-        nics: &nics,
-    })
-    .map_err(|e| VmError::Internal(format!("domain XML: {e}")))
-}
-
-/// Defines (or redefines) the persistent domain of `vm` as the store describes it.
-pub(crate) async fn define(ctx: &Ctx, vm: &VmRow, op: Op) -> Result<(), VmError> {
-    let net = net::load(ctx, vm).await?;
-    ctx.hv
-        .define(domain_xml_for(ctx, vm, &net)?)
-        .await
-        .map_err(|e| VmError::hypervisor(op, e))
-}
-
-/// Starts the domain and puts its fresh taps on their bridges with their limits.
-pub(crate) async fn start_domain(ctx: &Ctx, vm: &VmRow, op: Op) -> Result<(), VmError> {
-    ctx.hv
-        .start(vm.id)
-        .await
-        .map_err(|e| VmError::hypervisor(op, e))?;
-    net::plug(ctx, vm, op).await
-}
-
-/// Renders and writes the VM's cloud-init seed.
-pub(crate) async fn write_seed(ctx: &Ctx, vm: &VmRow) -> Result<(), VmError> {
-    let net = net::load(ctx, vm).await?;
-    let nics = net::seed_nics(ctx, &net);
-    let docs = cloudinit::render(&SeedInput {
-        instance_id: &vm.instance_id,
-        hostname: &vm.hostname,
-        password_hash: &vm.password_hash,
-        ssh_keys: &vm.ssh_keys,
-        nics: &nics,
-    })
-    .map_err(|e| VmError::cloud_init(Op::Deploy, e))?;
-    ctx.disks
-        .ensure_dir(vm.id)
-        .await
-        .map_err(|e| VmError::storage(Op::Deploy, e))?;
-    let path = ctx.disks.seed_path(vm.id);
-    tokio::task::spawn_blocking(move || cloudinit::seed::write(&path, &docs))
-        .await
-        .map_err(|e| VmError::Internal(e.to_string()))?
-        .map_err(|e| VmError::cloud_init(Op::Deploy, e))
-}
-
-/// Stops the domain if it runs and removes its definition.
-pub(crate) async fn remove_domain(ctx: &Ctx, id: Uuid, op: Op) -> Result<(), VmError> {
-    match ctx.hv.destroy(id).await {
-        Ok(()) | Err(HypervisorError::NoDomain(_)) => {}
-        Err(e) => return Err(VmError::hypervisor(op, e)),
-    }
-    ctx.hv
-        .undefine(id)
-        .await
-        .map_err(|e| VmError::hypervisor(op, e))
-}
-
 impl Operation for CreateOp {
     type Error = VmError;
 
@@ -587,10 +473,7 @@ impl Operation for CreateOp {
                         .await
                         .map_err(|e| VmError::storage(Op::Deploy, e))?
                 }
-                "start_vm" => match ctx.hv.destroy(id).await {
-                    Ok(()) | Err(HypervisorError::NoDomain(_)) => {}
-                    Err(e) => return Err(VmError::hypervisor(Op::Deploy, e)),
-                },
+                "start_vm" => ensure_off(ctx, id, Op::Deploy).await?,
                 "finalize" => {
                     let now = crate::time::now();
                     ctx.store

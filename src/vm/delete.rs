@@ -8,7 +8,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::model::Deleted;
-use super::{create::remove_domain, net, Ctx, Op, VmError, VmManager};
+use super::{domain::remove_domain, net, Ctx, Op, TaskKind, VmError, VmManager};
 use crate::store;
 use crate::tasks::{BoxFuture, Operation, StepCtx};
 
@@ -27,28 +27,38 @@ impl VmManager {
     pub async fn delete(&self, id: Uuid) -> Result<Deleted, VmError> {
         let ctx = &self.ctx;
         let vm = ctx.vm(id).await?;
-        let claim = match ctx.claim(id, "delete") {
+        let claim = match ctx.claim(id, TaskKind::Delete) {
             Ok(c) => c,
             // Deleting a VM that is still deploying cancels the deployment: it unwinds what
             // it did, then the delete removes the rest.
-            Err(busy) if ctx.engine.holder(id).is_some_and(|h| h.kind == "create") => {
+            Err(busy)
+                if ctx
+                    .engine
+                    .holder(id)
+                    .is_some_and(|h| h.kind == TaskKind::Create.as_str()) =>
+            {
                 tracing::info!(vps = %id, "delete cancels the deployment in progress");
                 ctx.engine.cancel(id);
                 if !ctx.engine.wait_released(id, CANCEL_WAIT).await {
                     return Err(busy);
                 }
-                ctx.claim(id, "delete")?
+                ctx.claim(id, TaskKind::Delete)?
             }
             Err(busy) => return Err(busy),
         };
-        ctx.record_task(&claim, "delete", DELETE_STEPS, serde_json::json!({}))
-            .await?;
+        ctx.record_task(
+            &claim,
+            TaskKind::Delete,
+            DELETE_STEPS,
+            serde_json::json!({}),
+        )
+        .await?;
         tracing::info!(vps = %id, "delete");
         let op = DeleteOp {
             ctx: self.ctx.clone(),
             id,
         };
-        ctx.engine.run(claim, "delete", op).await?;
+        ctx.engine.run(claim, TaskKind::Delete.as_str(), op).await?;
         Ok(Deleted {
             deleted: true,
             vps_id: id,

@@ -22,11 +22,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::create::write_seed;
+use super::domain::write_seed;
 use super::model::PRIMARY_ADAPTER;
 use super::net::{self, guest_script, shell_safe};
 use super::validate::ValidationError;
-use super::{Ctx, Op, VmError, VmManager};
+use super::{Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::network::ipam::{IpamError, Pool};
 use crate::store::{self, NewTask, VmRow, VmRowState};
 use crate::tasks::{BoxFuture, Claim, Operation, StepCtx};
@@ -180,7 +180,7 @@ impl VmManager {
         } else {
             ctx.pool.clone()
         };
-        let claim = ctx.claim(id, "ip_add")?;
+        let claim = ctx.claim(id, TaskKind::IpAdd)?;
         let max = ctx.config.network.max_extra_ips;
         let task_id = claim.task();
         let now = crate::time::now();
@@ -208,7 +208,7 @@ impl VmManager {
                     &tx,
                     &NewTask {
                         id: task_id,
-                        kind: "ip_add",
+                        kind: TaskKind::IpAdd.as_str(),
                         vps_id: id,
                         input: serde_json::json!({ "address": address }),
                         steps: ADD_STEPS,
@@ -231,7 +231,7 @@ impl VmManager {
         };
         let op = Arc::new(op);
         ctx.engine
-            .run(claim, "ip_add", SharedIpOp(op.clone()))
+            .run(claim, TaskKind::IpAdd.as_str(), SharedIpOp(op.clone()))
             .await?;
         Ok(IpAdded {
             address,
@@ -245,10 +245,10 @@ impl VmManager {
         let ctx = &self.ctx;
         let vm = ctx.vm(id).await?;
         let address = self.owned_address(&vm, address).await?;
-        let claim = ctx.claim(id, "ip_remove")?;
+        let claim = ctx.claim(id, TaskKind::IpRemove)?;
         ctx.record_task(
             &claim,
-            "ip_remove",
+            TaskKind::IpRemove,
             REMOVE_STEPS,
             serde_json::json!({ "address": address }),
         )
@@ -264,7 +264,7 @@ impl VmManager {
             _target_claim: None,
         };
         ctx.engine
-            .run(claim, "ip_remove", SharedIpOp(Arc::new(op)))
+            .run(claim, TaskKind::IpRemove.as_str(), SharedIpOp(Arc::new(op)))
             .await
     }
 
@@ -306,17 +306,17 @@ impl VmManager {
                 "the target VPS already holds {max} extra addresses"
             )));
         }
-        let claim = ctx.claim(id, "ip_move")?;
+        let claim = ctx.claim(id, TaskKind::IpMove)?;
         let target_claim: Claim = ctx
             .engine
-            .claim(target_id, claim.task(), "ip_move")
+            .claim(target_id, claim.task(), TaskKind::IpMove.as_str())
             .map_err(|busy| VmError::TaskInProgress {
                 vm: target_id,
                 task: busy.task,
             })?;
         ctx.record_task(
             &claim,
-            "ip_move",
+            TaskKind::IpMove,
             MOVE_STEPS,
             serde_json::json!({ "address": address, "target_vps_id": target_id }),
         )
@@ -332,7 +332,7 @@ impl VmManager {
             _target_claim: Some(target_claim),
         };
         ctx.engine
-            .run(claim, "ip_move", SharedIpOp(Arc::new(op)))
+            .run(claim, TaskKind::IpMove.as_str(), SharedIpOp(Arc::new(op)))
             .await?;
         Ok(IpMoved {
             address,
@@ -387,43 +387,43 @@ pub(crate) struct SharedIpOp(Arc<IpOp>);
 /// and `ip_remove` carry `{address}`, `ip_move` also `{target_vps_id}` (whose claim the
 /// caller took for the same task). Every step can be repeated, so the task continues (an
 /// add that had failed finishes its unwinding).
-pub(crate) fn resumed(
-    ctx: Arc<Ctx>,
-    task: &store::TaskRow,
-    target_claim: Option<Claim>,
-) -> Result<SharedIpOp, String> {
-    let address: IpAddr = task.input["address"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .ok_or("no address in the task's input")?;
-    let (kind, target) = match task.kind.as_str() {
-        "ip_add" => (IpOpKind::Add, None),
-        "ip_remove" => (IpOpKind::Remove, None),
-        "ip_move" => {
+pub(crate) fn resume(ctx: &Arc<Ctx>, kind: TaskKind, task: &store::TaskRow) -> Resume {
+    let address: Option<IpAddr> = task.input["address"].as_str().and_then(|a| a.parse().ok());
+    let Some(address) = address else {
+        return Resume::Unreadable("no address in the task's input".into());
+    };
+    let (op_kind, target) = match kind {
+        TaskKind::IpAdd => (IpOpKind::Add, None),
+        TaskKind::IpRemove => (IpOpKind::Remove, None),
+        TaskKind::IpMove => {
             let target = task.input["target_vps_id"]
                 .as_str()
-                .and_then(|t| Uuid::parse_str(t).ok())
-                .ok_or("no target_vps_id in the move's input")?;
-            (IpOpKind::Move, Some(target))
+                .and_then(|t| Uuid::parse_str(t).ok());
+            match target {
+                Some(t) => (IpOpKind::Move, Some(t)),
+                None => return Resume::Unreadable("no target_vps_id in the move's input".into()),
+            }
         }
-        other => return Err(format!("{other} is not an address task")),
+        other => return Resume::Unreadable(format!("{other} is not an address task")),
     };
-    Ok(SharedIpOp(Arc::new(IpOp {
-        ctx,
+    // A move holds its target too, under the same task.
+    let target_claim = match target {
+        Some(t) => match ctx.engine.claim(t, task.id, kind.as_str()) {
+            Ok(c) => Some(c),
+            Err(_) => return Resume::Unreadable("its target is busy".into()),
+        },
+        None => None,
+    };
+    let op = SharedIpOp(Arc::new(IpOp {
+        ctx: ctx.clone(),
         vm: task.vps_id,
         target,
         address,
-        kind,
+        kind: op_kind,
         live: Default::default(),
         _target_claim: target_claim,
-    })))
-}
-
-/// The other VM an interrupted move holds.
-pub(crate) fn move_target(task: &store::TaskRow) -> Option<Uuid> {
-    (task.kind == "ip_move")
-        .then(|| task.input["target_vps_id"].as_str()?.parse().ok())
-        .flatten()
+    }));
+    Resume::run(ctx, kind, op)
 }
 
 fn prefix(ctx: &Ctx, a: IpAddr) -> u8 {

@@ -5,11 +5,10 @@
 //! action on a VM already where it leads succeeds without a task or a side effect.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::create::start_domain;
+use super::domain::{shutdown, start_domain};
 use super::model::{ActionResult, VmStatus};
 use super::state::{self, Action, Decision, Refusal};
 use super::{Ctx, Op, VmError, VmManager};
@@ -53,7 +52,7 @@ impl VmManager {
                 return Err(VmError::InvalidState(r.message(action)));
             }
         }
-        let claim = ctx.claim(id, action.as_str())?;
+        let claim = ctx.claim(id, action.into())?;
         let status = self.status_of(&vm).await;
         match state::decide(action, status) {
             Ok(Decision::AlreadyThere) => return Ok(result(&vm, status)),
@@ -70,7 +69,7 @@ impl VmManager {
             timeout_s: stop.timeout_s.min(MAX_STOP_TIMEOUT_S),
         };
         let input = serde_json::json!({ "force": stop.force, "timeout_s": stop.timeout_s });
-        ctx.record_task(&claim, action.as_str(), steps(action), input)
+        ctx.record_task(&claim, action.into(), steps(action), input)
             .await?;
         tracing::info!(vps = %id, action = action.as_str(), "power action");
         let op = PowerOp {
@@ -128,28 +127,7 @@ impl PowerOp {
 
     /// ACPI shutdown, then power-off when the guest has not finished within the timeout.
     async fn stop_vm(&self) -> Result<(), VmError> {
-        let hv = &self.ctx.hv;
-        match self.power().await? {
-            Some(PowerState::Shutoff | PowerState::Crashed) | None => return Ok(()),
-            Some(PowerState::Paused) if !self.stop.force => {
-                // A paused guest cannot see the power button.
-                hv.resume(self.id).await.map_err(|e| self.hv(e))?;
-            }
-            _ => {}
-        }
-        if !self.stop.force {
-            hv.shutdown(self.id).await.map_err(|e| self.hv(e))?;
-            let deadline = Instant::now() + Duration::from_secs(self.stop.timeout_s);
-            while Instant::now() < deadline {
-                if matches!(self.power().await?, Some(PowerState::Shutoff) | None) {
-                    return Ok(());
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            tracing::warn!(vps = %self.id, timeout_s = self.stop.timeout_s,
-                "guest ignored ACPI shutdown; powering off");
-        }
-        hv.destroy(self.id).await.map_err(|e| self.hv(e))
+        shutdown(&self.ctx, self.id, Op::Action(self.action), self.stop).await
     }
 
     async fn expect(&self, want: PowerState) -> Result<(), VmError> {

@@ -22,9 +22,11 @@
 
 mod create;
 mod delete;
+mod domain;
 pub mod domain_xml;
 mod error;
 pub mod ips;
+mod kind;
 mod lifecycle;
 pub mod model;
 mod net;
@@ -53,6 +55,8 @@ use crate::tasks::webhooks::Outbox;
 use crate::tasks::{Claim, TaskEngine};
 
 pub use error::{Op, VmError};
+use kind::Resume;
+pub use kind::TaskKind;
 pub use lifecycle::StopOptions;
 pub use model::VmStatus;
 pub use query::InstanceCounts;
@@ -167,9 +171,9 @@ impl VmManager {
 
 impl Ctx {
     /// Claims `vm` for a new task of `kind`, or reports the task holding it.
-    fn claim(&self, vm: Uuid, kind: &'static str) -> Result<Claim, VmError> {
+    fn claim(&self, vm: Uuid, kind: TaskKind) -> Result<Claim, VmError> {
         self.engine
-            .claim(vm, Uuid::new_v4(), kind)
+            .claim(vm, Uuid::new_v4(), kind.as_str())
             .map_err(|busy| VmError::TaskInProgress {
                 vm,
                 task: busy.task,
@@ -180,7 +184,7 @@ impl Ctx {
     async fn record_task(
         &self,
         claim: &Claim,
-        kind: &'static str,
+        kind: TaskKind,
         steps: &'static [&'static str],
         input: serde_json::Value,
     ) -> Result<(), VmError> {
@@ -191,7 +195,7 @@ impl Ctx {
                     c,
                     &NewTask {
                         id,
-                        kind,
+                        kind: kind.as_str(),
                         vps_id: vm,
                         input,
                         steps,

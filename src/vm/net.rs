@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::model::PRIMARY_ADAPTER;
 use super::{Ctx, Op, VmError};
 use crate::cloudinit::NicConfig;
-use crate::hypervisor::HypervisorError;
+use crate::hypervisor::{guest, HypervisorError};
 use crate::network::{self, DesiredNetwork, NicSpec, SegmentSpec};
 use crate::store::{self, MemberRow, NetworkRow, VmRow, VmRowState};
 
@@ -229,56 +229,21 @@ pub(crate) async fn guest_script(
     id: Uuid,
     script: &str,
 ) -> Result<Option<i64>, VmError> {
-    use base64::Engine;
-    let started = ctx
-        .hv
-        .agent_command(
-            id,
-            serde_json::json!({"execute": "guest-exec", "arguments": {
-                "path": "/bin/sh", "arg": ["-c", script], "capture-output": true}}),
-            10,
-        )
-        .await;
-    let pid = match started {
-        Ok(v) => match v["pid"].as_i64() {
-            Some(p) => p,
-            None => return Ok(None),
-        },
-        Err(HypervisorError::AgentUnavailable { .. }) => return Ok(None),
-        Err(HypervisorError::NoDomain(_)) => return Ok(None),
-        Err(e) => return Err(VmError::hypervisor(Op::Status, e)),
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = ctx
-            .hv
-            .agent_command(
-                id,
-                serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
-                10,
-            )
-            .await;
-        match status {
-            Ok(v) if v["exited"] == serde_json::json!(true) => {
-                let code = v["exitcode"].as_i64().unwrap_or(-1);
-                if code != 0 {
-                    let err = v["err-data"]
-                        .as_str()
-                        .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .unwrap_or_default();
-                    // The guest wrote it: bounded, and logged escaped (a newline must not
-                    // forge a log line).
-                    let err = truncate(err.trim(), GUEST_OUTPUT_LOGGED);
-                    tracing::warn!(vps = %id, code, stderr = ?err, "guest script failed");
-                }
-                return Ok(Some(code));
+    let exit = guest::run_script(ctx.hv.as_ref(), id, script, Duration::from_secs(30)).await;
+    match exit {
+        Ok(Some(exit)) => {
+            if exit.code != 0 {
+                // The guest wrote it: bounded, and logged escaped (a newline must not
+                // forge a log line).
+                let err = truncate(exit.stderr.trim(), GUEST_OUTPUT_LOGGED);
+                tracing::warn!(vps = %id, code = exit.code, stderr = ?err, "guest script failed");
             }
-            Ok(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            _ => return Ok(None),
+            Ok(Some(exit.code))
         }
+        Ok(None)
+        | Err(HypervisorError::AgentUnavailable { .. })
+        | Err(HypervisorError::NoDomain(_)) => Ok(None),
+        Err(e) => Err(VmError::hypervisor(Op::Status, e)),
     }
 }
 

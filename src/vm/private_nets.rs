@@ -16,10 +16,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::create::{define, write_seed};
+use super::domain::{define, write_seed};
 use super::net::{self, adapter, guest_script, shell_safe};
 use super::validate::ValidationError;
-use super::{Ctx, Op, VmError, VmManager};
+use super::{Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::network::private::{self, AllocError};
 use crate::store::{self, MemberRow, NetworkRow, NewTask, VmRowState};
 use crate::tasks::{BoxFuture, Operation, StepCtx};
@@ -307,7 +307,7 @@ impl VmManager {
                 "the VPS must be deployed to join a private network".into(),
             ));
         }
-        let claim = ctx.claim(vps_id, "net_attach")?;
+        let claim = ctx.claim(vps_id, TaskKind::NetAttach)?;
         let task_id = claim.task();
         let now = crate::time::now();
         let member_id = Uuid::new_v4();
@@ -353,7 +353,7 @@ impl VmManager {
                     &tx,
                     &NewTask {
                         id: task_id,
-                        kind: "net_attach",
+                        kind: TaskKind::NetAttach.as_str(),
                         vps_id,
                         input: serde_json::json!({ "membership_id": member_id }),
                         steps: ATTACH_STEPS,
@@ -374,7 +374,9 @@ impl VmManager {
             member: member.clone(),
             attach: true,
         };
-        ctx.engine.run(claim, "net_attach", op).await?;
+        ctx.engine
+            .run(claim, TaskKind::NetAttach.as_str(), op)
+            .await?;
         Ok(member_view(&member))
     }
 
@@ -394,10 +396,10 @@ impl VmManager {
             .await?
             .filter(|m| m.network_id == network_id)
             .ok_or_else(not_found)?;
-        let claim = ctx.claim(member.vps_id, "net_detach")?;
+        let claim = ctx.claim(member.vps_id, TaskKind::NetDetach)?;
         ctx.record_task(
             &claim,
-            "net_detach",
+            TaskKind::NetDetach,
             DETACH_STEPS,
             serde_json::json!({ "membership_id": member_id }),
         )
@@ -408,7 +410,9 @@ impl VmManager {
             member,
             attach: false,
         };
-        ctx.engine.run(claim, "net_detach", op).await?;
+        ctx.engine
+            .run(claim, TaskKind::NetDetach.as_str(), op)
+            .await?;
         Ok(serde_json::json!({ "deleted": true, "membership_id": member_id }))
     }
 }
@@ -435,29 +439,35 @@ pub(crate) struct NicOp {
 /// A private-network task interrupted by an agent restart, rebuilt from its journal
 /// (`{membership_id}`). `Ok(None)`: a detach that had already released the membership,
 /// whose remaining step (the filters) the startup reconciliation does from the store.
-pub(crate) async fn resumed(ctx: Arc<Ctx>, task: &store::TaskRow) -> Result<Option<NicOp>, String> {
-    let member_id: Uuid = task.input["membership_id"]
+pub(crate) async fn resume(ctx: &Arc<Ctx>, kind: TaskKind, task: &store::TaskRow) -> Resume {
+    let member_id: Option<Uuid> = task.input["membership_id"]
         .as_str()
-        .and_then(|m| m.parse().ok())
-        .ok_or("no membership_id in the task's input")?;
-    let attach = match task.kind.as_str() {
-        "net_attach" => true,
-        "net_detach" => false,
-        other => return Err(format!("{other} is not a private-network task")),
+        .and_then(|m| m.parse().ok());
+    let Some(member_id) = member_id else {
+        return Resume::Unreadable("no membership_id in the task's input".into());
+    };
+    let attach = match kind {
+        TaskKind::NetAttach => true,
+        TaskKind::NetDetach => false,
+        other => return Resume::Unreadable(format!("{other} is not a private-network task")),
     };
     let member = ctx
         .store
         .call(move |c| store::networks::member(c, member_id))
-        .await
-        .map_err(|e| e.to_string())?;
+        .await;
     match member {
-        Some(member) => Ok(Some(NicOp {
+        Ok(Some(member)) => Resume::run(
             ctx,
-            member,
-            attach,
-        })),
-        None if !attach => Ok(None),
-        None => Err(format!("membership {member_id} of the attach is gone")),
+            kind,
+            NicOp {
+                ctx: ctx.clone(),
+                member,
+                attach,
+            },
+        ),
+        Ok(None) if !attach => Resume::Done,
+        Ok(None) => Resume::Unreadable(format!("membership {member_id} of the attach is gone")),
+        Err(e) => Resume::Unreadable(e.to_string()),
     }
 }
 

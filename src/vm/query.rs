@@ -157,7 +157,7 @@ impl VmManager {
         let task = self
             .ctx
             .store
-            .call(move |c| store::tasks::latest_of_kind(c, id, "create"))
+            .call(move |c| store::tasks::latest_of_kind(c, id, super::TaskKind::Create.as_str()))
             .await?
             .ok_or(VmError::NotFound(id))?;
         Ok(Deployment::new(&vm, status, &task))

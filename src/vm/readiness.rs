@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::{Ctx, Op, VmError};
-use crate::hypervisor::HypervisorError;
+use crate::hypervisor::{guest, HypervisorError};
 use crate::network;
 use crate::tasks::StepCtx;
 
@@ -45,10 +45,7 @@ pub(crate) async fn wait_for_guest_agent(
     let timeout = Duration::from_secs(ctx.config.tasks.guest_agent_timeout_s);
     let started = Instant::now();
     loop {
-        let ping = ctx
-            .hv
-            .agent_command(id, serde_json::json!({"execute": "guest-ping"}), 5)
-            .await;
+        let ping = guest::ping(ctx.hv.as_ref(), id, 5).await;
         match ping {
             Ok(_) => return Ok(()),
             Err(HypervisorError::NoDomain(_)) => {

@@ -3,11 +3,11 @@
 
 use uuid::Uuid;
 
-use super::create::{self, CreateOp};
+use super::create::CreateOp;
 use super::delete::DeleteOp;
 use super::reinstall::ReinstallOp;
 use super::resize::ResizeOp;
-use super::{net, Op, VmError, VmManager};
+use super::{net, Op, Resume, TaskKind, VmError, VmManager};
 use crate::errors::ErrorCode;
 use crate::store;
 
@@ -36,22 +36,12 @@ impl VmManager {
     pub async fn recover(&self) -> Result<Reconciliation, VmError> {
         let mut report = Reconciliation::default();
         for task in self.ctx.engine.unfinished().await? {
-            let kind: &'static str = match task.kind.as_str() {
-                "create" => "create",
-                "delete" => "delete",
-                "reinstall" => "reinstall",
-                "resize" => "resize",
-                "snapshot_create" => "snapshot_create",
-                "snapshot_rollback" => "snapshot_rollback",
-                "snapshot_delete" => "snapshot_delete",
-                "ip_add" => "ip_add",
-                "ip_remove" => "ip_remove",
-                "ip_move" => "ip_move",
-                "net_attach" => "net_attach",
-                "net_detach" => "net_detach",
-                _ => "other",
+            let Some(kind) = TaskKind::parse(&task.kind) else {
+                let why = format!("{} is not a kind of task this version knows", task.kind);
+                self.abandon_unreadable(&task, &why, &mut report).await?;
+                continue;
             };
-            let claim = match self.ctx.engine.claim(task.vps_id, task.id, kind) {
+            let claim = match self.ctx.engine.claim(task.vps_id, task.id, kind.as_str()) {
                 Ok(c) => c,
                 Err(_) => {
                     // Two unfinished tasks on one VM cannot both be resumed; the older holds it.
@@ -67,152 +57,65 @@ impl VmManager {
                     continue;
                 }
             };
-            let ctx = self.ctx.clone();
-            match task.kind.as_str() {
-                "create" => {
-                    tracing::info!(task = %task.id, vps = %task.vps_id, "resuming create");
-                    report.resumed.push(task.id);
-                    let op = CreateOp {
+            let (ctx, id) = (&self.ctx, task.vps_id);
+            let resume = match kind {
+                TaskKind::Create => Resume::run(
+                    ctx,
+                    kind,
+                    CreateOp {
                         ctx: ctx.clone(),
-                        id: task.vps_id,
-                    };
-                    tokio::spawn(async move {
-                        let _ = ctx.engine.run(claim, "create", op).await;
-                    });
-                }
-                "delete" => {
-                    tracing::info!(task = %task.id, vps = %task.vps_id, "resuming delete");
-                    report.resumed.push(task.id);
-                    let op = DeleteOp {
+                        id,
+                    },
+                ),
+                TaskKind::Delete => Resume::run(
+                    ctx,
+                    kind,
+                    DeleteOp {
                         ctx: ctx.clone(),
-                        id: task.vps_id,
-                    };
-                    tokio::spawn(async move {
-                        let _ = ctx.engine.run(claim, "delete", op).await;
-                    });
+                        id,
+                    },
+                ),
+                TaskKind::Reinstall => ReinstallOp::resume(ctx, &task),
+                TaskKind::Resize => ResizeOp::resume(ctx, &task),
+                // An interrupted snapshot is finished from the step it reached; rollbacks
+                // and deletes are repeated, each step being idempotent.
+                TaskKind::SnapshotCreate
+                | TaskKind::SnapshotRollback
+                | TaskKind::SnapshotDelete => super::snapshots::resume(ctx, &task),
+                TaskKind::IpAdd | TaskKind::IpRemove | TaskKind::IpMove => {
+                    super::ips::resume(ctx, kind, &task)
                 }
-                "reinstall" | "resize" => {
-                    tracing::info!(task = %task.id, vps = %task.vps_id, kind = %task.kind, "resuming");
+                TaskKind::NetAttach | TaskKind::NetDetach => {
+                    super::private_nets::resume(ctx, kind, &task).await
+                }
+                // A power action's caller is gone with the old process; its effect (or
+                // not) is visible in libvirt, and the control plane retries if needed.
+                TaskKind::Start
+                | TaskKind::Stop
+                | TaskKind::Restart
+                | TaskKind::Reset
+                | TaskKind::Suspend
+                | TaskKind::Resume => Resume::Interrupted,
+            };
+            match resume {
+                Resume::Run(launch) => {
+                    tracing::info!(task = %task.id, vps = %id, %kind, "resuming");
                     report.resumed.push(task.id);
-                    let input = task.input.clone();
-                    if task.kind == "reinstall" {
-                        match serde_json::from_value(input) {
-                            Ok(input) => {
-                                let op = ReinstallOp {
-                                    ctx: ctx.clone(),
-                                    id: task.vps_id,
-                                    input,
-                                };
-                                tokio::spawn(async move {
-                                    let _ = ctx.engine.run(claim, "reinstall", op).await;
-                                });
-                            }
-                            Err(e) => {
-                                drop(claim);
-                                self.abandon_unreadable(&task, &e.to_string(), &mut report)
-                                    .await?;
-                            }
-                        }
-                    } else {
-                        match serde_json::from_value(input) {
-                            Ok(input) => {
-                                let op = ResizeOp {
-                                    ctx: ctx.clone(),
-                                    id: task.vps_id,
-                                    input,
-                                };
-                                tokio::spawn(async move {
-                                    let _ = ctx.engine.run(claim, "resize", op).await;
-                                });
-                            }
-                            Err(e) => {
-                                drop(claim);
-                                self.abandon_unreadable(&task, &e.to_string(), &mut report)
-                                    .await?;
-                            }
-                        }
-                    }
+                    launch(claim);
                 }
-                kind if super::snapshots::Kind::parse(kind).is_some() => {
-                    // An interrupted create is unwound (its moment has passed); rollbacks
-                    // and deletes are repeated, each step being idempotent.
-                    let snap_kind = super::snapshots::Kind::parse(kind).expect("checked");
-                    tracing::info!(task = %task.id, vps = %task.vps_id, kind, "recovering snapshot task");
+                Resume::Done => {
+                    // Only the filters were left; the network reconciliation below
+                    // rebuilds them from the store.
+                    drop(claim);
+                    self.ctx.engine.complete_recovered(task.id).await?;
                     report.resumed.push(task.id);
-                    match super::snapshots::SnapshotOp::resumed(
-                        ctx.clone(),
-                        task.vps_id,
-                        snap_kind,
-                        task.input.clone(),
-                    ) {
-                        Ok(op) => {
-                            tokio::spawn(async move {
-                                let kind = op.kind_str();
-                                let _ = ctx.engine.run(claim, kind, op).await;
-                            });
-                        }
-                        Err(e) => {
-                            drop(claim);
-                            report.resumed.retain(|t| *t != task.id);
-                            self.abandon_unreadable(&task, &e.to_string(), &mut report)
-                                .await?;
-                        }
-                    }
                 }
-                "ip_add" | "ip_remove" | "ip_move" => {
-                    // A move holds its target too, under the same task.
-                    let target_claim = match super::ips::move_target(&task) {
-                        Some(t) => match self.ctx.engine.claim(t, task.id, kind) {
-                            Ok(c) => Some(c),
-                            Err(_) => {
-                                drop(claim);
-                                self.abandon_unreadable(&task, "its target is busy", &mut report)
-                                    .await?;
-                                continue;
-                            }
-                        },
-                        None => None,
-                    };
-                    match super::ips::resumed(ctx.clone(), &task, target_claim) {
-                        Ok(op) => {
-                            tracing::info!(task = %task.id, vps = %task.vps_id, kind, "resuming");
-                            report.resumed.push(task.id);
-                            tokio::spawn(async move {
-                                let _ = ctx.engine.run(claim, kind, op).await;
-                            });
-                        }
-                        Err(why) => {
-                            drop(claim);
-                            self.abandon_unreadable(&task, &why, &mut report).await?;
-                        }
-                    }
+                Resume::Unreadable(why) => {
+                    drop(claim);
+                    self.abandon_unreadable(&task, &why, &mut report).await?;
                 }
-                "net_attach" | "net_detach" => {
-                    match super::private_nets::resumed(ctx.clone(), &task).await {
-                        Ok(Some(op)) => {
-                            tracing::info!(task = %task.id, vps = %task.vps_id, kind, "resuming");
-                            report.resumed.push(task.id);
-                            tokio::spawn(async move {
-                                let _ = ctx.engine.run(claim, kind, op).await;
-                            });
-                        }
-                        Ok(None) => {
-                            // Only the filters were left; the network reconciliation below
-                            // rebuilds them from the store.
-                            drop(claim);
-                            self.ctx.engine.complete_recovered(task.id).await?;
-                            report.resumed.push(task.id);
-                        }
-                        Err(why) => {
-                            drop(claim);
-                            self.abandon_unreadable(&task, &why, &mut report).await?;
-                        }
-                    }
-                }
-                kind => {
-                    // A power action's caller is gone with the old process; its effect (or
-                    // not) is visible in libvirt, and the control plane retries if needed.
-                    tracing::warn!(task = %task.id, kind, "abandoning interrupted task");
+                Resume::Interrupted => {
+                    tracing::warn!(task = %task.id, %kind, "abandoning interrupted task");
                     drop(claim);
                     self.ctx
                         .engine
@@ -300,7 +203,7 @@ impl VmManager {
             if policy.remove_unknown_domains && in_our_dir {
                 tracing::warn!(id = %d.id, "removing unknown domain (reconcile.remove_unknown_domains)");
                 let removed = async {
-                    create::remove_domain(&self.ctx, d.id, Op::Delete).await?;
+                    super::domain::remove_domain(&self.ctx, d.id, Op::Delete).await?;
                     self.ctx
                         .disks
                         .remove_all(d.id)

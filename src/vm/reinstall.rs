@@ -10,9 +10,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::create::{define, start_domain, write_seed};
+use super::domain::{define, ensure_off, start_domain, write_seed};
 use super::model::{ReinstallRequest, TaskAccepted, VmStatus};
-use super::{readiness, validate, Ctx, Op, VmError, VmManager};
+use super::{readiness, validate, Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::cloudinit;
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::store::{self, VmRow, VmRowState};
@@ -73,7 +73,7 @@ impl VmManager {
             ))
             .into());
         }
-        let claim = ctx.claim(id, "reinstall")?;
+        let claim = ctx.claim(id, TaskKind::Reinstall)?;
         let status = self.status_of(&vm).await;
         let was_running = match status {
             VmStatus::Running | VmStatus::Suspended => true,
@@ -104,7 +104,7 @@ impl VmManager {
         };
         ctx.record_task(
             &claim,
-            "reinstall",
+            TaskKind::Reinstall,
             REINSTALL_STEPS,
             serde_json::to_value(&input).map_err(|e| VmError::Internal(e.to_string()))?,
         )
@@ -116,14 +116,13 @@ impl VmManager {
             id,
             input,
         };
-        let runner = self.ctx.clone();
-        tokio::spawn(async move {
-            let _ = runner.engine.run(claim, "reinstall", op).await;
-        });
+        self.ctx
+            .engine
+            .launch(claim, TaskKind::Reinstall.as_str(), op);
         Ok(TaskAccepted {
             vps_id: id,
             task_id,
-            kind: "reinstall",
+            kind: TaskKind::Reinstall.as_str(),
             name: vm.hostname,
             status,
             note: None,
@@ -138,6 +137,15 @@ pub(crate) struct ReinstallOp {
 }
 
 impl ReinstallOp {
+    /// The task found unfinished at startup, resumed from its recorded input.
+    pub(crate) fn resume(ctx: &Arc<Ctx>, task: &store::TaskRow) -> Resume {
+        Resume::from_input(ctx, TaskKind::Reinstall, task, |input| ReinstallOp {
+            ctx: ctx.clone(),
+            id: task.vps_id,
+            input,
+        })
+    }
+
     fn hv(e: HypervisorError) -> VmError {
         VmError::hypervisor(Op::Deploy, e)
     }
@@ -183,10 +191,7 @@ impl ReinstallOp {
     }
 
     async fn restore_disk(&self, vm: &VmRow) -> Result<(), VmError> {
-        match self.ctx.hv.destroy(self.id).await {
-            Ok(()) | Err(HypervisorError::NoDomain(_)) => {}
-            Err(e) => return Err(Self::hv(e)),
-        }
+        ensure_off(&self.ctx, self.id, Op::Deploy).await?;
         let prev = self.prev_disk();
         if prev.exists() {
             let disk = self.ctx.disks.disk_path(self.id);
@@ -260,10 +265,7 @@ impl Operation for ReinstallOp {
                         .map_err(|e| VmError::storage(Op::Deploy, e))
                 }
                 // The disk is about to be replaced: there is nothing to shut down gracefully for.
-                "stop_vm" => match self.ctx.hv.destroy(self.id).await {
-                    Ok(()) | Err(HypervisorError::NoDomain(_)) => Ok(()),
-                    Err(e) => Err(Self::hv(e)),
-                },
+                "stop_vm" => ensure_off(&self.ctx, self.id, Op::Deploy).await,
                 "replace_disk" => self.replace_disk(&vm).await,
                 "apply_cloud_init" => write_seed(&self.ctx, &self.next(&vm)).await,
                 "start_vm" => {
@@ -299,10 +301,7 @@ impl Operation for ReinstallOp {
                 }
                 "replace_disk" => self.restore_disk(&vm).await,
                 "apply_cloud_init" => write_seed(&self.ctx, &vm).await,
-                "start_vm" => match self.ctx.hv.destroy(self.id).await {
-                    Ok(()) | Err(HypervisorError::NoDomain(_)) => Ok(()),
-                    Err(e) => Err(Self::hv(e)),
-                },
+                "start_vm" => ensure_off(&self.ctx, self.id, Op::Deploy).await,
                 _ => Ok(()),
             }
         })

@@ -14,15 +14,15 @@
 //! before the disk changed puts the old values back.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::create::{define, start_domain, write_seed};
+use super::domain::{define, ensure_off, shutdown, start_domain, write_seed};
+use super::lifecycle::StopOptions;
 use super::model::{ResizeRequest, TaskAccepted, VmStatus};
 use super::validate::{self, ValidationError};
-use super::{Ctx, Op, VmError, VmManager};
+use super::{Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::store::{self, NewTask, VmRowState};
 use crate::tasks::{BoxFuture, Operation, StepCtx};
@@ -86,7 +86,7 @@ impl VmManager {
                 .into());
             }
         }
-        let claim = ctx.claim(id, "resize")?;
+        let claim = ctx.claim(id, TaskKind::Resize)?;
         let status = self.status_of(&vm).await;
         let was_running = match status {
             VmStatus::Running | VmStatus::Suspended => true,
@@ -120,14 +120,11 @@ impl VmManager {
             id,
             input,
         };
-        let runner = self.ctx.clone();
-        tokio::spawn(async move {
-            let _ = runner.engine.run(claim, "resize", op).await;
-        });
+        self.ctx.engine.launch(claim, TaskKind::Resize.as_str(), op);
         Ok(TaskAccepted {
             vps_id: id,
             task_id,
-            kind: "resize",
+            kind: TaskKind::Resize.as_str(),
             name: vm.hostname,
             status,
             note,
@@ -162,7 +159,7 @@ impl VmManager {
                     &tx,
                     &NewTask {
                         id: task_id,
-                        kind: "resize",
+                        kind: TaskKind::Resize.as_str(),
                         vps_id: id,
                         input: value,
                         steps: RESIZE_STEPS,
@@ -183,6 +180,15 @@ pub(crate) struct ResizeOp {
 }
 
 impl ResizeOp {
+    /// The task found unfinished at startup, resumed from its recorded input.
+    pub(crate) fn resume(ctx: &Arc<Ctx>, task: &store::TaskRow) -> Resume {
+        Resume::from_input(ctx, TaskKind::Resize, task, |input| ResizeOp {
+            ctx: ctx.clone(),
+            id: task.vps_id,
+            input,
+        })
+    }
+
     fn hv(e: HypervisorError) -> VmError {
         VmError::hypervisor(Op::Action(super::state::Action::Restart), e)
     }
@@ -218,10 +224,12 @@ impl ResizeOp {
     /// Re-creates the disk from the template at the smaller size, with a new cloud-init
     /// instance so the guest provisions itself again.
     async fn erase_disk(&self) -> Result<(), VmError> {
-        match self.ctx.hv.destroy(self.id).await {
-            Ok(()) | Err(HypervisorError::NoDomain(_)) => {}
-            Err(e) => return Err(Self::hv(e)),
-        }
+        ensure_off(
+            &self.ctx,
+            self.id,
+            Op::Action(super::state::Action::Restart),
+        )
+        .await?;
         let vm = self.ctx.vm(self.id).await?;
         let template = self
             .ctx
@@ -274,15 +282,8 @@ impl ResizeOp {
         if !(self.input.restart && running && self.input.cpu_or_ram_changed()) {
             return Ok(());
         }
-        self.ctx.hv.shutdown(self.id).await.map_err(Self::hv)?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if matches!(self.power().await?, Some(PowerState::Shutoff) | None) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        self.ctx.hv.destroy(self.id).await.map_err(Self::hv)?;
+        let restart = Op::Action(super::state::Action::Restart);
+        shutdown(&self.ctx, self.id, restart, StopOptions::default()).await?;
         start_domain(&self.ctx, &vm, Op::Deploy).await
     }
 

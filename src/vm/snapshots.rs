@@ -26,8 +26,8 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::validate::{self, ValidationError};
-use super::{net, Ctx, Op, VmError, VmManager};
-use crate::hypervisor::{snapshot as live, HypervisorError, PowerState};
+use super::{net, Ctx, Op, Resume, TaskKind, VmError, VmManager};
+use crate::hypervisor::{guest, snapshot as live, HypervisorError, PowerState};
 use crate::store::{self, NewTask, SnapshotRow, SnapshotState, VmRowState};
 use crate::tasks::{BoxFuture, Operation, StepCtx};
 
@@ -227,7 +227,7 @@ impl VmManager {
         let description = description(req.description)?;
         let include_ram = req.include_ram.unwrap_or(false);
         deployed(&vm)?;
-        let claim = ctx.claim(id, "snapshot_create")?;
+        let claim = ctx.claim(id, TaskKind::SnapshotCreate)?;
         let was_running = running(ctx, id, Op::Snapshot).await?;
         if include_ram && !was_running {
             return Err(VmError::InvalidState(
@@ -292,7 +292,7 @@ impl VmManager {
                     &tx,
                     &NewTask {
                         id: task,
-                        kind: "snapshot_create",
+                        kind: TaskKind::SnapshotCreate.as_str(),
                         vps_id: id,
                         input: task_input,
                         steps: CREATE_STEPS,
@@ -305,7 +305,10 @@ impl VmManager {
             .await??;
         tracing::info!(vps = %id, snapshot = %name, include_ram, was_running, "snapshot");
         let op = SnapshotOp::new(self.ctx.clone(), id, Kind::Create, input);
-        let outcome = ctx.engine.run(claim, "snapshot_create", op).await;
+        let outcome = ctx
+            .engine
+            .run(claim, TaskKind::SnapshotCreate.as_str(), op)
+            .await;
         record_usage(ctx, id).await;
         outcome?;
         let row = ctx
@@ -344,7 +347,7 @@ impl VmManager {
             .filter(|r| r.state == SnapshotState::Ready)
             .ok_or_else(|| VmError::SnapshotNotFound(name.to_owned()))?;
         deployed(&vm)?;
-        let claim = ctx.claim(id, kind.as_str())?;
+        let claim = ctx.claim(id, kind.task_kind())?;
         let was_running = running(ctx, id, Op::Snapshot).await?;
         let input = SnapshotInput {
             name: row.name.clone(),
@@ -353,7 +356,7 @@ impl VmManager {
         };
         ctx.record_task(
             &claim,
-            kind.as_str(),
+            kind.task_kind(),
             kind.steps(),
             serde_json::to_value(&input).map_err(|e| VmError::Internal(e.to_string()))?,
         )
@@ -389,6 +392,19 @@ async fn running(ctx: &Ctx, id: Uuid, op: Op) -> Result<bool, VmError> {
     }
 }
 
+/// A snapshot task found unfinished at startup, finished from the step it reached.
+pub(crate) fn resume(ctx: &Arc<Ctx>, task: &store::TaskRow) -> Resume {
+    let kind = match TaskKind::parse(&task.kind) {
+        Some(TaskKind::SnapshotCreate) => Kind::Create,
+        Some(TaskKind::SnapshotRollback) => Kind::Rollback,
+        Some(TaskKind::SnapshotDelete) => Kind::Delete,
+        _ => return Resume::Unreadable(format!("{} is not a snapshot task", task.kind)),
+    };
+    Resume::from_input(ctx, kind.task_kind(), task, |input| {
+        SnapshotOp::resumed(ctx.clone(), task.vps_id, kind, input)
+    })
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     Create,
@@ -397,12 +413,16 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    fn as_str(self) -> &'static str {
+    fn task_kind(self) -> TaskKind {
         match self {
-            Kind::Create => "snapshot_create",
-            Kind::Rollback => "snapshot_rollback",
-            Kind::Delete => "snapshot_delete",
+            Kind::Create => TaskKind::SnapshotCreate,
+            Kind::Rollback => TaskKind::SnapshotRollback,
+            Kind::Delete => TaskKind::SnapshotDelete,
         }
+    }
+
+    fn as_str(self) -> &'static str {
+        self.task_kind().as_str()
     }
 
     fn steps(self) -> &'static [&'static str] {
@@ -411,12 +431,6 @@ impl Kind {
             Kind::Rollback => ROLLBACK_STEPS,
             Kind::Delete => DELETE_STEPS,
         }
-    }
-
-    pub(crate) fn parse(kind: &str) -> Option<Kind> {
-        [Kind::Create, Kind::Rollback, Kind::Delete]
-            .into_iter()
-            .find(|k| k.as_str() == kind)
     }
 }
 
@@ -445,21 +459,10 @@ impl SnapshotOp {
     }
 
     /// The operation of an unfinished task found at startup.
-    pub(crate) fn resumed(
-        ctx: Arc<Ctx>,
-        id: Uuid,
-        kind: Kind,
-        input: serde_json::Value,
-    ) -> Result<SnapshotOp, VmError> {
-        let input = serde_json::from_value(input)
-            .map_err(|e| VmError::Internal(format!("task input: {e}")))?;
+    fn resumed(ctx: Arc<Ctx>, id: Uuid, kind: Kind, input: SnapshotInput) -> SnapshotOp {
         let mut op = SnapshotOp::new(ctx, id, kind, input);
         op.interrupted = true;
-        Ok(op)
-    }
-
-    pub(crate) fn kind_str(&self) -> &'static str {
-        self.kind.as_str()
+        op
     }
 
     fn hv(&self, e: HypervisorError) -> VmError {
@@ -520,26 +523,13 @@ impl SnapshotOp {
         }
         // Quiesce the guest's filesystems when its agent answers; otherwise the snapshot
         // is crash-consistent, like pulling the plug at this instant.
-        let frozen = hv
-            .agent_command(
-                id,
-                serde_json::json!({"execute": "guest-fsfreeze-freeze"}),
-                10,
-            )
-            .await;
+        let frozen = guest::freeze(hv, id).await;
         if let Err(e) = &frozen {
             tracing::info!(vps = %id, error = %e, "no filesystem freeze; snapshot is crash-consistent");
         }
         let taken = live::take_disk_only(hv, id, &node, self.name()).await;
         if frozen.is_ok() {
-            if let Err(e) = hv
-                .agent_command(
-                    id,
-                    serde_json::json!({"execute": "guest-fsfreeze-thaw"}),
-                    10,
-                )
-                .await
-            {
+            if let Err(e) = guest::thaw(hv, id).await {
                 tracing::error!(vps = %id, error = %e, "cannot thaw the guest's filesystems");
             }
         }
@@ -641,19 +631,9 @@ impl SnapshotOp {
         let path = self.ctx.disks.disk_path(self.id);
         if self.qemu_runs().await? {
             let node = self.node().await?;
-            let block = self
-                .ctx
-                .hv
-                .qmp(self.id, serde_json::json!({"execute": "query-block"}))
+            let size = live::virtual_size(self.ctx.hv.as_ref(), self.id, &node)
                 .await
-                .map_err(|e| self.hv(e))?;
-            let size = block
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|d| d.get("inserted"))
-                .find(|i| i["node-name"].as_str() == Some(node.as_str()))
-                .and_then(|i| i["image"]["virtual-size"].as_u64())
+                .map_err(|e| self.hv(e))?
                 .unwrap_or(want);
             if size < want {
                 self.ctx
@@ -686,7 +666,7 @@ impl SnapshotOp {
             }
             Some(PowerState::Shutoff | PowerState::Crashed) if self.input.was_running => {
                 let vm = self.ctx.vm(id).await?;
-                super::create::start_domain(&self.ctx, &vm, Op::Snapshot).await
+                super::domain::start_domain(&self.ctx, &vm, Op::Snapshot).await
             }
             _ => Ok(()),
         }

@@ -1,0 +1,143 @@
+//! Every kind of task the agent runs on a VM, declared once. The journal stores each task's
+//! kind by name, so the list is append-only: a name once written is never renamed or
+//! reused. Startup (`recover.rs`) matches on it exhaustively, so a new kind does not compile
+//! until it says how an interrupted task of that kind comes back.
+
+use super::state::Action;
+use super::Ctx;
+use crate::store;
+use crate::tasks::{Claim, Operation};
+
+macro_rules! task_kinds {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal,)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum TaskKind {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl TaskKind {
+            pub const ALL: &'static [TaskKind] = &[$(TaskKind::$variant,)*];
+
+            /// The name the journal and `GET /v1/tasks` carry.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(TaskKind::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+task_kinds! {
+    Create = "create",
+    Start = "start",
+    Stop = "stop",
+    Restart = "restart",
+    Reset = "reset",
+    Suspend = "suspend",
+    Resume = "resume",
+    Delete = "delete",
+    Reinstall = "reinstall",
+    Resize = "resize",
+    SnapshotCreate = "snapshot_create",
+    SnapshotRollback = "snapshot_rollback",
+    SnapshotDelete = "snapshot_delete",
+    IpAdd = "ip_add",
+    IpRemove = "ip_remove",
+    IpMove = "ip_move",
+    NetAttach = "net_attach",
+    NetDetach = "net_detach",
+}
+
+impl TaskKind {
+    pub fn parse(s: &str) -> Option<TaskKind> {
+        TaskKind::ALL.iter().copied().find(|k| k.as_str() == s)
+    }
+}
+
+impl From<Action> for TaskKind {
+    fn from(a: Action) -> TaskKind {
+        match a {
+            Action::Start => TaskKind::Start,
+            Action::Stop => TaskKind::Stop,
+            Action::Restart => TaskKind::Restart,
+            Action::Reset => TaskKind::Reset,
+            Action::Suspend => TaskKind::Suspend,
+            Action::Resume => TaskKind::Resume,
+        }
+    }
+}
+
+impl std::fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an interrupted task becomes at startup; each operation says it for its own kind.
+pub(crate) enum Resume {
+    /// Run on to its end (or its unwinding) under the task's claim.
+    Run(Box<dyn FnOnce(Claim) + Send>),
+    /// Nothing is left to run: the network reconciliation rebuilds what it left.
+    Done,
+    /// It cannot be resumed safely (an input this version cannot read, a VM it needs
+    /// busy): marked failed with the reason.
+    Unreadable(String),
+    /// A power action: marked failed, for the control plane to retry if it still wants it.
+    Interrupted,
+}
+
+impl Resume {
+    /// Resumes with `op`, launched on the engine once the task's claim is given.
+    pub(crate) fn run<O: Operation>(ctx: &Ctx, kind: TaskKind, op: O) -> Resume {
+        let engine = ctx.engine.clone();
+        Resume::Run(Box::new(move |claim| {
+            engine.launch(claim, kind.as_str(), op)
+        }))
+    }
+
+    /// Resumes with the operation `make` builds from the task's recorded input.
+    pub(crate) fn from_input<I, O>(
+        ctx: &Ctx,
+        kind: TaskKind,
+        task: &store::TaskRow,
+        make: impl FnOnce(I) -> O,
+    ) -> Resume
+    where
+        I: serde::de::DeserializeOwned,
+        O: Operation,
+    {
+        match serde_json::from_value(task.input.clone()) {
+            Ok(input) => Resume::run(ctx, kind, make(input)),
+            Err(e) => Resume::Unreadable(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_parse_back() {
+        let mut seen = std::collections::HashSet::new();
+        for k in TaskKind::ALL {
+            assert!(seen.insert(k.as_str()), "{k} twice");
+            assert_eq!(TaskKind::parse(k.as_str()), Some(*k));
+        }
+    }
+
+    #[test]
+    fn power_actions_keep_their_names() {
+        for a in [
+            Action::Start,
+            Action::Stop,
+            Action::Restart,
+            Action::Reset,
+            Action::Suspend,
+            Action::Resume,
+        ] {
+            assert_eq!(TaskKind::from(a).as_str(), a.as_str());
+        }
+    }
+}
