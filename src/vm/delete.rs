@@ -8,6 +8,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::model::Deleted;
+use super::state::{on_busy, OnBusy};
 use super::{domain::remove_domain, net, Ctx, Op, TaskKind, VmError, VmManager};
 use crate::store;
 use crate::tasks::{BoxFuture, Operation, StepCtx};
@@ -32,10 +33,10 @@ impl VmManager {
             // Deleting a VM that is still deploying cancels the deployment: it unwinds what
             // it did, then the delete removes the rest.
             Err(busy)
-                if ctx
-                    .engine
-                    .holder(id)
-                    .is_some_and(|h| h.kind == TaskKind::Create.as_str()) =>
+                if ctx.engine.holder(id).is_some_and(|h| {
+                    TaskKind::parse(h.kind).map(|k| on_busy(k, TaskKind::Delete))
+                        == Some(OnBusy::CancelHolder)
+                }) =>
             {
                 tracing::info!(vps = %id, "delete cancels the deployment in progress");
                 ctx.engine.cancel(id);

@@ -28,7 +28,7 @@ use super::net::{self, guest_script, shell_safe};
 use super::validate::ValidationError;
 use super::{Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::network::ipam::{IpamError, Pool};
-use crate::store::{self, NewTask, VmRow, VmRowState};
+use crate::store::{self, NewTask, VmRow};
 use crate::tasks::{BoxFuture, Claim, Operation, StepCtx};
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -117,14 +117,6 @@ fn parse_address(s: &str) -> Result<IpAddr, VmError> {
     })
 }
 
-fn deployed(vm: &VmRow) -> Result<(), VmError> {
-    match vm.state {
-        VmRowState::Active => Ok(()),
-        VmRowState::Deploying => Err(VmError::InvalidState("the VPS is still deploying".into())),
-        VmRowState::Failed => Err(VmError::InvalidState("the VPS failed to deploy".into())),
-    }
-}
-
 impl VmManager {
     pub async fn ips(&self, id: Uuid) -> Result<IpList, VmError> {
         let vm = self.ctx.vm(id).await?;
@@ -155,7 +147,7 @@ impl VmManager {
     pub async fn add_ip(&self, id: Uuid, req: AddIpRequest) -> Result<IpAdded, VmError> {
         let ctx = &self.ctx;
         let vm = ctx.vm(id).await?;
-        deployed(&vm)?;
+        ctx.admit_recorded(TaskKind::IpAdd, &vm)?;
         let requested = req.address.as_deref().map(parse_address).transpose()?;
         let want_v6 = match (requested, req.family.as_deref()) {
             (Some(a), _) => a.is_ipv6(),
@@ -292,7 +284,7 @@ impl VmManager {
             ));
         }
         let target = ctx.vm(target_id).await?;
-        deployed(&target)?;
+        ctx.admit_recorded(TaskKind::IpMove, &target)?;
         let max = ctx.config.network.max_extra_ips;
         let extras = ctx
             .store

@@ -53,6 +53,25 @@ impl TaskKind {
     pub fn parse(s: &str) -> Option<TaskKind> {
         TaskKind::ALL.iter().copied().find(|k| k.as_str() == s)
     }
+
+    /// What the task does, for messages: "cannot {verb}: …".
+    pub fn verb(self) -> &'static str {
+        match self {
+            TaskKind::Create => "create",
+            TaskKind::Delete => "delete",
+            TaskKind::Reinstall => "reinstall",
+            TaskKind::Resize => "resize",
+            TaskKind::SnapshotCreate => "take a snapshot",
+            TaskKind::SnapshotRollback => "roll back to a snapshot",
+            TaskKind::SnapshotDelete => "delete a snapshot",
+            TaskKind::IpAdd => "add an address",
+            TaskKind::IpRemove => "remove an address",
+            TaskKind::IpMove => "move an address",
+            TaskKind::NetAttach => "join a private network",
+            TaskKind::NetDetach => "leave a private network",
+            power => power.as_str(),
+        }
+    }
 }
 
 impl From<Action> for TaskKind {

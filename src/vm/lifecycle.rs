@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::domain::{shutdown, start_domain};
 use super::model::{ActionResult, VmStatus};
-use super::state::{self, Action, Decision, Refusal};
+use super::state::{Action, Decision};
 use super::{Ctx, Op, VmError, VmManager};
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::store::VmRowState;
@@ -47,22 +47,12 @@ impl VmManager {
         // A deploying or failed VM refuses every power action for what it is, whether or
         // not its create task still holds it.
         if vm.state != VmRowState::Active {
-            let status = VmStatus::derive(vm.state, None);
-            if let Err(r) = state::decide(action, status) {
-                return Err(VmError::InvalidState(r.message(action)));
-            }
+            super::admit(action.into(), VmStatus::derive(vm.state, None))?;
         }
         let claim = ctx.claim(id, action.into())?;
         let status = self.status_of(&vm).await;
-        match state::decide(action, status) {
-            Ok(Decision::AlreadyThere) => return Ok(result(&vm, status)),
-            Ok(Decision::Proceed) => {}
-            Err(Refusal::Unknown) => {
-                return Err(VmError::HypervisorUnavailable(
-                    Refusal::Unknown.message(action),
-                ))
-            }
-            Err(r) => return Err(VmError::InvalidState(r.message(action))),
+        if super::admit(action.into(), status)? == Decision::AlreadyThere {
+            return Ok(result(&vm, status));
         }
         let stop = StopOptions {
             force: stop.force,

@@ -57,6 +57,15 @@ use crate::tasks::{Claim, TaskEngine};
 pub use error::{Op, VmError};
 use kind::Resume;
 pub use kind::TaskKind;
+
+/// `state::admit`, its refusal as the error the client gets (`INVALID_STATE`, or
+/// `HYPERVISOR_UNAVAILABLE` when the power state cannot be read).
+fn admit(kind: TaskKind, status: model::VmStatus) -> Result<state::Decision, VmError> {
+    state::admit(kind, status).map_err(|r| match r {
+        state::Refusal::Unknown => VmError::HypervisorUnavailable(r.explain(kind)),
+        other => VmError::InvalidState(other.explain(kind)),
+    })
+}
 pub use lifecycle::StopOptions;
 pub use model::VmStatus;
 pub use query::InstanceCounts;
@@ -170,6 +179,12 @@ impl VmManager {
 }
 
 impl Ctx {
+    /// Admits an operation of `kind` on `vm` by its record alone (deploying or failed VMs
+    /// refuse what needs a deployed one); see `state::admit`.
+    fn admit_recorded(&self, kind: TaskKind, vm: &store::VmRow) -> Result<(), VmError> {
+        admit(kind, model::VmStatus::derive(vm.state, None)).map(|_| ())
+    }
+
     /// Claims `vm` for a new task of `kind`, or reports the task holding it.
     fn claim(&self, vm: Uuid, kind: TaskKind) -> Result<Claim, VmError> {
         self.engine

@@ -21,7 +21,7 @@ use super::net::{self, adapter, guest_script, shell_safe};
 use super::validate::ValidationError;
 use super::{Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::network::private::{self, AllocError};
-use crate::store::{self, MemberRow, NetworkRow, NewTask, VmRowState};
+use crate::store::{self, MemberRow, NetworkRow, NewTask};
 use crate::tasks::{BoxFuture, Operation, StepCtx};
 
 /// NIC indexes available to private networks (0 is the public NIC).
@@ -302,11 +302,7 @@ impl VmManager {
             .ok_or_else(|| ValidationError::MissingFields(vec!["vps_id"]))?;
         let vps_id = Uuid::parse_str(&vps).map_err(|_| VmError::NotFound(Uuid::nil()))?;
         let vm = ctx.vm(vps_id).await?;
-        if vm.state != VmRowState::Active {
-            return Err(VmError::InvalidState(
-                "the VPS must be deployed to join a private network".into(),
-            ));
-        }
+        ctx.admit_recorded(TaskKind::NetAttach, &vm)?;
         let claim = ctx.claim(vps_id, TaskKind::NetAttach)?;
         let task_id = claim.task();
         let now = crate::time::now();

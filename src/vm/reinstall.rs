@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::domain::{define, ensure_off, start_domain, write_seed};
-use super::model::{ReinstallRequest, TaskAccepted, VmStatus};
+use super::model::{ReinstallRequest, TaskAccepted};
 use super::{readiness, validate, Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::cloudinit;
 use crate::hypervisor::{HypervisorError, PowerState};
@@ -75,21 +75,8 @@ impl VmManager {
         }
         let claim = ctx.claim(id, TaskKind::Reinstall)?;
         let status = self.status_of(&vm).await;
-        let was_running = match status {
-            VmStatus::Running | VmStatus::Suspended => true,
-            VmStatus::Stopped => false,
-            VmStatus::Unknown => {
-                return Err(VmError::HypervisorUnavailable(
-                    "cannot read the VPS's power state".into(),
-                ))
-            }
-            VmStatus::Deploying | VmStatus::Failed => {
-                return Err(VmError::InvalidState(format!(
-                    "cannot reinstall a VPS that is {}",
-                    status.as_str()
-                )))
-            }
-        };
+        super::admit(TaskKind::Reinstall, status)?;
+        let was_running = super::state::runs(status);
         let password_hash =
             tokio::task::spawn_blocking(move || cloudinit::hash_password(&password))
                 .await

@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::domain::{define, ensure_off, shutdown, start_domain, write_seed};
 use super::lifecycle::StopOptions;
-use super::model::{ResizeRequest, TaskAccepted, VmStatus};
+use super::model::{ResizeRequest, TaskAccepted};
 use super::validate::{self, ValidationError};
 use super::{Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::hypervisor::{HypervisorError, PowerState};
@@ -88,21 +88,8 @@ impl VmManager {
         }
         let claim = ctx.claim(id, TaskKind::Resize)?;
         let status = self.status_of(&vm).await;
-        let was_running = match status {
-            VmStatus::Running | VmStatus::Suspended => true,
-            VmStatus::Stopped => false,
-            VmStatus::Unknown => {
-                return Err(VmError::HypervisorUnavailable(
-                    "cannot read the VPS's power state".into(),
-                ))
-            }
-            VmStatus::Deploying | VmStatus::Failed => {
-                return Err(VmError::InvalidState(format!(
-                    "cannot resize a VPS that is {}",
-                    status.as_str()
-                )))
-            }
-        };
+        super::admit(TaskKind::Resize, status)?;
+        let was_running = super::state::runs(status);
         let input = ResizeInput {
             old,
             new,

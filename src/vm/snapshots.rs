@@ -28,7 +28,7 @@ use uuid::Uuid;
 use super::validate::{self, ValidationError};
 use super::{net, Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::hypervisor::{guest, snapshot as live, HypervisorError, PowerState};
-use crate::store::{self, NewTask, SnapshotRow, SnapshotState, VmRowState};
+use crate::store::{self, NewTask, SnapshotRow, SnapshotState};
 use crate::tasks::{BoxFuture, Operation, StepCtx};
 
 const GIB: u64 = 1 << 30;
@@ -106,14 +106,6 @@ pub(crate) struct SnapshotInput {
     pub include_ram: bool,
     /// The VM was running (or paused) when the task was admitted.
     pub was_running: bool,
-}
-
-fn deployed(vm: &store::VmRow) -> Result<(), VmError> {
-    match vm.state {
-        VmRowState::Active => Ok(()),
-        VmRowState::Deploying => Err(VmError::InvalidState("the VPS is still deploying".into())),
-        VmRowState::Failed => Err(VmError::InvalidState("the VPS failed to deploy".into())),
-    }
 }
 
 /// Refuses a snapshot that would take the VM's snapshots beyond their allowance
@@ -226,7 +218,7 @@ impl VmManager {
         validate::snapshot_name(&name)?;
         let description = description(req.description)?;
         let include_ram = req.include_ram.unwrap_or(false);
-        deployed(&vm)?;
+        ctx.admit_recorded(TaskKind::SnapshotCreate, &vm)?;
         let claim = ctx.claim(id, TaskKind::SnapshotCreate)?;
         let was_running = running(ctx, id, Op::Snapshot).await?;
         if include_ram && !was_running {
@@ -346,7 +338,7 @@ impl VmManager {
             .await?
             .filter(|r| r.state == SnapshotState::Ready)
             .ok_or_else(|| VmError::SnapshotNotFound(name.to_owned()))?;
-        deployed(&vm)?;
+        ctx.admit_recorded(kind.task_kind(), &vm)?;
         let claim = ctx.claim(id, kind.task_kind())?;
         let was_running = running(ctx, id, Op::Snapshot).await?;
         let input = SnapshotInput {
