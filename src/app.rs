@@ -6,7 +6,6 @@ use std::time::Instant;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::api::auth::{SocketPolicy, TokenSet};
 use crate::config::Config;
 use crate::console::Tickets;
 use crate::hypervisor::{Hypervisor, Libvirt, PowerState};
@@ -20,8 +19,6 @@ use crate::vm::{VmError, VmManager, VmStatus};
 pub struct App {
     pub config: Arc<Config>,
     pub vms: VmManager,
-    pub tokens: TokenSet,
-    pub socket_policy: SocketPolicy,
     pub sampler: Sampler,
     pub requests: RequestCounters,
     pub tickets: Tickets,
@@ -99,8 +96,6 @@ impl App {
                 config.console.max_sessions,
                 config.console.max_sessions_per_vm,
             ),
-            tokens: TokenSet::from_hex(&config.api.token_sha256),
-            socket_policy: SocketPolicy::from_group(&config.api.socket_group),
             config,
             vms,
             monitor: NodeMonitor::start(),
@@ -187,9 +182,9 @@ impl App {
         }
         Health {
             status: if reasons.is_empty() {
-                "healthy"
+                HealthStatus::Healthy
             } else {
-                "degraded"
+                HealthStatus::Degraded
             },
             service: "hvnode",
             version: env!("CARGO_PKG_VERSION"),
@@ -219,7 +214,7 @@ impl App {
             kernel: node::kernel(),
             libvirt_version: versions.as_ref().map(|v| v.libvirt.clone()),
             qemu_version: versions.map(|v| v.qemu),
-            accelerator: self.config.libvirt.accelerator.as_str(),
+            accelerator: self.config.libvirt.accelerator,
             instances: self.vms.counts().await?,
             allocated: self.vms.allocation().await?.into(),
             reconciliation: self.vms.reconciliation(),
@@ -318,12 +313,18 @@ impl App {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    Healthy,
+    Degraded,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     /// `degraded` while libvirt cannot be reached, or while QEMU runs unconfined (unless
     /// `libvirt.require_confinement = false`); `reasons` says which.
-    #[schema(value_type = crate::api::openapi::HealthStatus)]
-    pub status: &'static str,
+    pub status: HealthStatus,
     pub service: &'static str,
     pub version: &'static str,
     pub libvirt: LibvirtHealth,
@@ -392,8 +393,7 @@ pub struct NodeInfo {
     /// Null while libvirt cannot be reached.
     #[schema(required = true)]
     pub qemu_version: Option<String>,
-    #[schema(value_type = crate::api::openapi::Accelerator)]
-    pub accelerator: &'static str,
+    pub accelerator: crate::config::Accelerator,
     pub instances: crate::vm::InstanceCounts,
     pub allocated: AllocatedFigures,
     /// What startup found when it compared the store with libvirt.

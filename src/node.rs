@@ -81,7 +81,7 @@ impl HostFacts {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, utoipa::ToSchema)]
 pub struct FsUsage {
     pub total_bytes: u64,
     pub available_bytes: u64,
@@ -104,13 +104,14 @@ pub fn fs_usage(path: &Path) -> Option<FsUsage> {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct CpuFigures {
     pub cores: usize,
+    /// Of all host CPUs, 0–100.
     pub usage_percent: f32,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct MemoryFigures {
     pub total_bytes: u64,
     pub available_bytes: u64,

@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::UnixPeer;
-use crate::app::App;
+use crate::config::ApiConfig;
 use crate::errors::ErrorCode;
 
 /// Accepted token hashes, decoded once.
@@ -89,11 +89,27 @@ impl SocketPolicy {
     }
 }
 
+/// Who may call, as the router was built with it from `[api]`.
+#[derive(Clone, Default)]
+pub struct Auth {
+    pub tokens: TokenSet,
+    pub socket: SocketPolicy,
+}
+
+impl Auth {
+    pub fn from_config(api: &ApiConfig) -> Auth {
+        Auth {
+            tokens: TokenSet::from_hex(&api.token_sha256),
+            socket: SocketPolicy::from_group(&api.socket_group),
+        }
+    }
+}
+
 /// Who the request comes from, as far as the agent trusts it: `Ok` for an admitted socket
 /// peer or a valid bearer token, else the refusal to answer with.
-pub fn authenticate(app: &App, req: &Request) -> Result<(), ApiError> {
+pub fn authenticate(auth: &Auth, req: &Request) -> Result<(), ApiError> {
     if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<UnixPeer>>() {
-        if app.socket_policy.allows(peer) {
+        if auth.socket.allows(peer) {
             return Ok(());
         }
         return Err(ApiError::new(
@@ -125,7 +141,7 @@ pub fn authenticate(app: &App, req: &Request) -> Result<(), ApiError> {
             "send Authorization: Bearer <token>",
         ));
     }
-    if !app.tokens.accepts(token) {
+    if !auth.tokens.accepts(token) {
         return Err(ApiError::new(
             ErrorCode::InvalidApiKey,
             "the token is not valid",
@@ -139,8 +155,8 @@ pub fn authenticate(app: &App, req: &Request) -> Result<(), ApiError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Trusted(pub bool);
 
-pub async fn require_auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    match authenticate(&app, &req) {
+pub async fn require_auth(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+    match authenticate(&auth, &req) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
@@ -148,8 +164,8 @@ pub async fn require_auth(State(app): State<Arc<App>>, req: Request, next: Next)
 
 /// On public routes: marks the request `Trusted` when it carries valid credentials, and
 /// lets it through either way.
-pub async fn note_auth(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
-    let trusted = Trusted(authenticate(&app, &req).is_ok());
+pub async fn note_auth(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+    let trusted = Trusted(authenticate(&auth, &req).is_ok());
     req.extensions_mut().insert(trusted);
     next.run(req).await
 }

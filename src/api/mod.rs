@@ -149,6 +149,7 @@ pub fn with_status<T: Serialize>(status: StatusCode, data: T, message: Option<St
 pub type ApiResult = Result<Response, ApiError>;
 
 pub fn router(app: Arc<App>) -> Router {
+    let auth = Arc::new(auth::Auth::from_config(&app.config.api));
     let protected = Router::new()
         .route("/v1/node", get(node::node_info))
         .route("/v1/templates", get(node::templates))
@@ -206,7 +207,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/tasks/{id}", get(tasks::task_get))
         .route("/v1/openapi.json", get(openapi::openapi_json))
         .route_layer(middleware::from_fn_with_state(
-            app.clone(),
+            auth.clone(),
             auth::require_auth,
         ))
         .route_layer(middleware::from_fn_with_state(app.clone(), count_requests));
@@ -219,7 +220,7 @@ pub fn router(app: Arc<App>) -> Router {
             get(console::console_asset),
         )
         .route("/v1/console/ws", get(console::console_ws))
-        .route_layer(middleware::from_fn_with_state(app.clone(), auth::note_auth))
+        .route_layer(middleware::from_fn_with_state(auth, auth::note_auth))
         .route_layer(middleware::from_fn_with_state(app.clone(), count_requests));
     let max_body = app.config.api.max_body_bytes;
     Router::new()

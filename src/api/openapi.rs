@@ -20,7 +20,7 @@ use utoipa::openapi::request_body::RequestBody;
 use utoipa::openapi::schema::{Object, ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{Components, ContentBuilder, Ref, RefOr, ResponseBuilder};
-use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToSchema};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use super::error::ErrorBody;
@@ -293,44 +293,6 @@ pub struct TaskId {
 
 // Strings with a fixed set of values.
 
-/// `primary`: the address the VPS was created with; `extra`: one added since.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum IpKind {
-    Primary,
-    Extra,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum IpFamily {
-    Ipv4,
-    Ipv6,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DeploymentStatus {
-    Pending,
-    InProgress,
-    Completed,
-    Failed,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum HealthStatus {
-    Healthy,
-    Degraded,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Accelerator {
-    Kvm,
-    Tcg,
-}
-
 // Answers built with `serde_json::json!`.
 
 /// `DELETE /v1/vms/{id}/ips/{address}`.
@@ -362,121 +324,10 @@ pub struct TaskList {
     pub tasks: Vec<crate::vm::model::TaskView>,
 }
 
-/// A private network membership, as `GET /v1/vms/{id}` lists it.
-#[derive(Serialize, ToSchema)]
-pub struct VmPrivateNetwork {
-    pub network_id: Uuid,
-    #[schema(required = true)]
-    pub name: Option<String>,
-    #[schema(required = true)]
-    pub vni: Option<u32>,
-    pub membership_id: Uuid,
-    pub address: String,
-    pub mac: String,
-    pub adapter: String,
-}
-
-// Types of modules that know nothing of OpenAPI, described by a twin with the same fields
-// (the unit tests below check that the twins serialize the same keys).
-
-macro_rules! described_by {
-    ($($real:ty => $twin:ty, $name:literal;)*) => {$(
-        impl PartialSchema for $real {
-            fn schema() -> RefOr<Schema> {
-                <$twin as PartialSchema>::schema()
-            }
-        }
-
-        impl ToSchema for $real {
-            fn name() -> std::borrow::Cow<'static, str> {
-                $name.into()
-            }
-
-            fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
-                <$twin as ToSchema>::schemas(schemas)
-            }
-        }
-    )*};
-}
-
-described_by! {
-    crate::node::CpuFigures => twins::CpuFigures, "CpuFigures";
-    crate::node::MemoryFigures => twins::MemoryFigures, "MemoryFigures";
-    crate::node::FsUsage => twins::FsUsage, "FsUsage";
-    crate::vm::InstanceCounts => twins::InstanceCounts, "InstanceCounts";
-    crate::vm::Reconciliation => twins::Reconciliation, "Reconciliation";
-    crate::network::Applied => twins::NetworkApplied, "NetworkApplied";
-}
-
-#[allow(dead_code)] // described, never built (but in the tests)
-mod twins {
-    use serde::Serialize;
-    use utoipa::ToSchema;
-    use uuid::Uuid;
-
-    #[derive(Default, Serialize, ToSchema)]
-    pub struct CpuFigures {
-        pub cores: usize,
-        /// Of all host CPUs, 0–100.
-        pub usage_percent: f32,
-    }
-
-    #[derive(Default, Serialize, ToSchema)]
-    pub struct MemoryFigures {
-        pub total_bytes: u64,
-        pub available_bytes: u64,
-    }
-
-    #[derive(Default, Serialize, ToSchema)]
-    pub struct FsUsage {
-        pub total_bytes: u64,
-        pub available_bytes: u64,
-    }
-
-    #[derive(Default, Serialize, ToSchema)]
-    pub struct InstanceCounts {
-        pub total: usize,
-        pub running: usize,
-        pub stopped: usize,
-        pub suspended: usize,
-    }
-
-    /// What startup found when it compared the store with libvirt.
-    #[derive(Default, Serialize, ToSchema)]
-    pub struct Reconciliation {
-        /// Tasks resumed (create, delete).
-        pub resumed: Vec<Uuid>,
-        /// Tasks marked failed because they cannot be resumed safely (power actions).
-        pub abandoned: Vec<Uuid>,
-        /// hvnode-managed domains with no record in the store.
-        pub unknown_domains: Vec<Uuid>,
-        /// Deployed VMs whose domain is gone from libvirt.
-        pub missing_domains: Vec<Uuid>,
-        /// What the `reconcile` settings removed of the above.
-        pub removed: Vec<Uuid>,
-        /// What re-applying the network from the store did.
-        #[schema(required = true)]
-        pub network: Option<crate::network::Applied>,
-        #[schema(required = true)]
-        pub network_error: Option<String>,
-    }
-
-    /// What re-applying the host network did.
-    #[derive(Default, Serialize, ToSchema)]
-    pub struct NetworkApplied {
-        pub bridges_created: Vec<String>,
-        pub ports_attached: Vec<String>,
-        pub limits_applied: Vec<String>,
-        pub removed: Vec<String>,
-        pub filter_ports: usize,
-        /// What could not be configured; the rest was still applied.
-        pub errors: Vec<String>,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use utoipa::PartialSchema;
 
     /// The keys a value serializes to, sorted.
     fn keys<T: Serialize>(value: &T) -> Vec<String> {
@@ -500,42 +351,30 @@ mod tests {
     }
 
     #[test]
-    fn twins_have_the_fields_of_the_types_they_describe() {
+    fn schemas_have_the_fields_their_types_serialize() {
         assert_eq!(
             keys(&crate::node::CpuFigures::default()),
-            properties::<twins::CpuFigures>()
+            properties::<crate::node::CpuFigures>()
         );
         assert_eq!(
             keys(&crate::node::MemoryFigures::default()),
-            properties::<twins::MemoryFigures>()
+            properties::<crate::node::MemoryFigures>()
         );
         assert_eq!(
             keys(&crate::node::FsUsage::default()),
-            properties::<twins::FsUsage>()
+            properties::<crate::node::FsUsage>()
         );
         assert_eq!(
             keys(&crate::vm::InstanceCounts::default()),
-            properties::<twins::InstanceCounts>()
+            properties::<crate::vm::InstanceCounts>()
         );
         assert_eq!(
             keys(&crate::vm::Reconciliation::default()),
-            properties::<twins::Reconciliation>()
+            properties::<crate::vm::Reconciliation>()
         );
         assert_eq!(
             keys(&crate::network::Applied::default()),
-            properties::<twins::NetworkApplied>()
-        );
-    }
-
-    #[test]
-    fn twins_serialize_like_the_types_they_describe() {
-        assert_eq!(
-            serde_json::to_value(crate::vm::Reconciliation::default()).unwrap(),
-            serde_json::to_value(twins::Reconciliation::default()).unwrap()
-        );
-        assert_eq!(
-            serde_json::to_value(crate::network::Applied::default()).unwrap(),
-            serde_json::to_value(twins::NetworkApplied::default()).unwrap()
+            properties::<crate::network::Applied>()
         );
     }
 

@@ -141,8 +141,9 @@ pub struct DesiredNetwork {
     pub segments: Vec<SegmentSpec>,
 }
 
-/// What `apply` did, for logs and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+/// What re-applying the host network did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = NetworkApplied)]
 pub struct Applied {
     pub bridges_created: Vec<String>,
     pub ports_attached: Vec<String>,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::domain::{define, ensure_off, remove_domain, write_seed};
-use super::model::{CreateAccepted, CreateVmRequest, VmSpec, VmStatus, CREATE_STEPS};
+use super::model::{CreateAccepted, CreateVmRequest, IpKind, VmSpec, VmStatus, CREATE_STEPS};
 use super::net;
 use super::{readiness, validate, Ctx, Op, TaskKind, VmError, VmManager};
 use crate::cloudinit;
@@ -182,9 +182,9 @@ async fn admit(
                 deployed_at: None,
             };
             store::vms::insert(&tx, &vm)?;
-            store::vms::insert_ip(&tx, ip, vm.id, "primary", &now)?;
+            store::vms::insert_ip(&tx, ip, vm.id, IpKind::Primary.as_str(), &now)?;
             if let Some(ip6) = ip6 {
-                store::vms::insert_ip(&tx, ip6, vm.id, "primary", &now)?;
+                store::vms::insert_ip(&tx, ip6, vm.id, IpKind::Primary.as_str(), &now)?;
             }
             store::tasks::insert(
                 &tx,
@@ -269,7 +269,7 @@ impl CreateOp {
                 let (id, now) = (vm.id, crate::time::now());
                 self.ctx
                     .store
-                    .call(move |c| store::vms::insert_ip(c, ip, id, "primary", &now))
+                    .call(move |c| store::vms::insert_ip(c, ip, id, IpKind::Primary.as_str(), &now))
                     .await?;
                 Ok(())
             }

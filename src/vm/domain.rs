@@ -9,7 +9,6 @@ use crate::cloudinit::{self, SeedInput};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-use super::lifecycle::StopOptions;
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::store::VmRow;
 
@@ -127,6 +126,24 @@ pub(crate) async fn ensure_off(ctx: &Ctx, id: Uuid, op: Op) -> Result<(), VmErro
     match ctx.hv.destroy(id).await {
         Ok(()) | Err(HypervisorError::NoDomain(_)) => Ok(()),
         Err(e) => Err(VmError::hypervisor(op, e)),
+    }
+}
+
+/// How a stop treats the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StopOptions {
+    /// Power off at once instead of asking the guest.
+    pub force: bool,
+    /// How long the guest may take to shut down before it is powered off.
+    pub timeout_s: u64,
+}
+
+impl Default for StopOptions {
+    fn default() -> Self {
+        StopOptions {
+            force: false,
+            timeout_s: 60,
+        }
     }
 }
 

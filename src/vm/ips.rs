@@ -23,7 +23,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::domain::write_seed;
-use super::model::PRIMARY_ADAPTER;
+use super::model::{IpKind, PRIMARY_ADAPTER};
 use super::net::{self, guest_script, shell_safe};
 use super::validate::ValidationError;
 use super::{Ctx, Op, Resume, TaskKind, VmError, VmManager};
@@ -38,8 +38,17 @@ pub struct AddIpRequest {
     #[schema(example = "203.0.113.20")]
     pub address: Option<String>,
     /// `ipv4` (default) or `ipv6`, when no address is given.
-    #[schema(value_type = Option<crate::api::openapi::IpFamily>)]
+    #[schema(value_type = Option<IpFamily>)]
     pub family: Option<String>,
+}
+
+// The request keeps `family` as text, so that an unknown family is refused as that
+// field's error rather than as unreadable JSON; this enum only describes it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    Ipv4,
+    Ipv6,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -53,8 +62,7 @@ pub struct IpEntry {
     #[schema(value_type = String, example = "203.0.113.10")]
     pub address: IpAddr,
     #[serde(rename = "type")]
-    #[schema(value_type = crate::api::openapi::IpKind)]
-    pub kind: String,
+    pub kind: IpKind,
     pub adapter: String,
     pub mac: String,
 }
@@ -76,8 +84,7 @@ pub struct IpAdded {
     pub address: IpAddr,
     pub adapter: String,
     #[serde(rename = "type")]
-    #[schema(value_type = crate::api::openapi::IpKind)]
-    pub kind: &'static str,
+    pub kind: IpKind,
     /// Whether the guest agent applied it at once (else at the next boot).
     pub applied_live: bool,
 }
@@ -130,12 +137,12 @@ impl VmManager {
             .filter(|a| a.vps_id == id)
             .map(|a| IpEntry {
                 address: a.address,
-                kind: a.kind,
+                kind: IpKind::from_store(&a.kind),
                 adapter: PRIMARY_ADAPTER.into(),
                 mac: vm.mac.clone(),
             })
             .collect();
-        ips.sort_by_key(|e| (e.kind != "primary", e.address));
+        ips.sort_by_key(|e| (e.kind, e.address));
         Ok(IpList {
             ips,
             limits: IpLimits {
@@ -183,7 +190,7 @@ impl VmManager {
                 let all = store::vms::ip_allocations(&tx)?;
                 let extras = all
                     .iter()
-                    .filter(|a| a.vps_id == id && a.kind == "extra")
+                    .filter(|a| a.vps_id == id && a.kind == IpKind::Extra.as_str())
                     .count();
                 if extras >= max {
                     return Ok(Err(VmError::InvalidState(format!(
@@ -195,7 +202,7 @@ impl VmManager {
                     Ok(a) => a,
                     Err(e) => return Ok(Err(VmError::Ip(e))),
                 };
-                store::vms::insert_ip(&tx, address, id, "extra", &now)?;
+                store::vms::insert_ip(&tx, address, id, IpKind::Extra.as_str(), &now)?;
                 store::tasks::insert(
                     &tx,
                     &NewTask {
@@ -228,7 +235,7 @@ impl VmManager {
         Ok(IpAdded {
             address,
             adapter: PRIMARY_ADAPTER.into(),
-            kind: "extra",
+            kind: IpKind::Extra,
             applied_live: op.live.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
@@ -291,7 +298,7 @@ impl VmManager {
             .call(move |c| store::vms::ip_allocations(c))
             .await?
             .into_iter()
-            .filter(|a| a.vps_id == target_id && a.kind == "extra")
+            .filter(|a| a.vps_id == target_id && a.kind == IpKind::Extra.as_str())
             .count();
         if extras >= max {
             return Err(VmError::InvalidState(format!(
@@ -347,7 +354,7 @@ impl VmManager {
             .into_iter()
             .find(|a| a.address == addr && a.vps_id == id)
             .ok_or_else(not_found)?;
-        if owned.kind == "primary" {
+        if owned.kind == IpKind::Primary.as_str() {
             return Err(VmError::PrimaryIp(addr));
         }
         Ok(addr)

@@ -8,30 +8,13 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::domain::{shutdown, start_domain};
+use super::domain::{shutdown, start_domain, StopOptions};
 use super::model::{ActionResult, VmStatus};
 use super::state::{Action, Decision};
 use super::{Ctx, Op, VmError, VmManager};
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::store::VmRowState;
 use crate::tasks::{BoxFuture, Operation, StepCtx};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct StopOptions {
-    /// Power off at once instead of asking the guest.
-    pub force: bool,
-    /// How long the guest may take to shut down before it is powered off.
-    pub timeout_s: u64,
-}
-
-impl Default for StopOptions {
-    fn default() -> Self {
-        StopOptions {
-            force: false,
-            timeout_s: 60,
-        }
-    }
-}
 
 const MAX_STOP_TIMEOUT_S: u64 = 3600;
 

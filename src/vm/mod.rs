@@ -66,7 +66,7 @@ fn admit(kind: TaskKind, status: model::VmStatus) -> Result<state::Decision, VmE
         other => VmError::InvalidState(other.explain(kind)),
     })
 }
-pub use lifecycle::StopOptions;
+pub use domain::StopOptions;
 pub use model::VmStatus;
 pub use query::InstanceCounts;
 pub use recover::Reconciliation;

@@ -292,13 +292,64 @@ pub struct Resources {
     pub bandwidth_mbps: Option<u32>,
 }
 
+// The store keeps the same words (`as_str`).
+/// `primary`: the address the VPS was created with; `extra`: one added since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IpKind {
+    Primary,
+    Extra,
+}
+
+impl IpKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpKind::Primary => "primary",
+            IpKind::Extra => "extra",
+        }
+    }
+
+    /// The kind the store recorded; anything but `primary` is an extra address.
+    pub fn from_store(s: &str) -> IpKind {
+        if s == IpKind::Primary.as_str() {
+            IpKind::Primary
+        } else {
+            IpKind::Extra
+        }
+    }
+}
+
+/// Where a deployment, or one of its steps, stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentStatus {
+    Pending,
+    InProgress,
+    Completed,
+    Failed,
+}
+
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct IpView {
     #[schema(value_type = String, example = "203.0.113.10")]
     pub address: IpAddr,
     #[serde(rename = "type")]
-    #[schema(value_type = crate::api::openapi::IpKind)]
-    pub kind: String,
+    pub kind: IpKind,
+    pub adapter: String,
+}
+
+/// A private network membership, as `GET /v1/vms/{id}` lists it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct VmPrivateNetwork {
+    pub network_id: Uuid,
+    #[schema(required = true)]
+    pub name: Option<String>,
+    #[schema(required = true)]
+    pub vni: Option<u32>,
+    pub membership_id: Uuid,
+    #[schema(value_type = String)]
+    pub address: IpAddr,
+    pub mac: String,
     pub adapter: String,
 }
 
@@ -316,8 +367,7 @@ pub struct VmDetail {
     pub resources: Resources,
     pub template_id: String,
     pub ips: Vec<IpView>,
-    #[schema(value_type = Vec<crate::api::openapi::VmPrivateNetwork>)]
-    pub private_networks: Vec<serde_json::Value>,
+    pub private_networks: Vec<VmPrivateNetwork>,
     pub vnc: VncView,
     pub mac: String,
 }
@@ -390,8 +440,7 @@ pub const CREATE_STEPS: &[&str] = &[
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct DeploymentStep {
     pub name: String,
-    #[schema(value_type = crate::api::openapi::DeploymentStatus)]
-    pub status: &'static str,
+    pub status: DeploymentStatus,
     /// 1-based.
     pub order: u32,
 }
@@ -408,8 +457,7 @@ pub struct AccessInfo {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Deployment {
     pub vps_id: Uuid,
-    #[schema(value_type = crate::api::openapi::DeploymentStatus)]
-    pub deployment_status: &'static str,
+    pub deployment_status: DeploymentStatus,
     pub vps_status: VmStatus,
     #[schema(required = true)]
     pub current_task: Option<String>,
@@ -439,10 +487,10 @@ impl Deployment {
             .map(|s| DeploymentStep {
                 name: s.name.clone(),
                 status: match s.state {
-                    StepState::Pending => "pending",
-                    StepState::Running => "in_progress",
-                    StepState::Completed => "completed",
-                    StepState::Failed | StepState::RolledBack => "failed",
+                    StepState::Pending => DeploymentStatus::Pending,
+                    StepState::Running => DeploymentStatus::InProgress,
+                    StepState::Completed => DeploymentStatus::Completed,
+                    StepState::Failed | StepState::RolledBack => DeploymentStatus::Failed,
                 },
                 order: s.order + 1,
             })
@@ -453,10 +501,10 @@ impl Deployment {
             .filter(|s| s.state == StepState::Completed)
             .count();
         let deployment_status = match task.state {
-            TaskState::Pending => "pending",
-            TaskState::Running => "in_progress",
-            TaskState::Completed => "completed",
-            TaskState::Failed | TaskState::Cancelled => "failed",
+            TaskState::Pending => DeploymentStatus::Pending,
+            TaskState::Running => DeploymentStatus::InProgress,
+            TaskState::Completed => DeploymentStatus::Completed,
+            TaskState::Failed | TaskState::Cancelled => DeploymentStatus::Failed,
         };
         let is_ready = task.state == TaskState::Completed;
         Deployment {

@@ -5,15 +5,15 @@ use std::collections::HashMap;
 use uuid::Uuid;
 
 use super::model::{
-    Deployment, IpView, ListQuery, Pagination, Resources, TaskView, VmDetail, VmList, VmStatus,
-    VmSummary, VncView, PRIMARY_ADAPTER,
+    Deployment, IpKind, IpView, ListQuery, Pagination, Resources, TaskView, VmDetail, VmList,
+    VmPrivateNetwork, VmStatus, VmSummary, VncView, PRIMARY_ADAPTER,
 };
 use super::{VmError, VmManager};
 use crate::hypervisor::PowerState;
 use crate::store::{self, Allocation, TaskFilter, VmRow, VmRowState};
 
 /// How many VMs of each status the node holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct InstanceCounts {
     pub total: usize,
     pub running: usize,
@@ -114,24 +114,24 @@ impl VmManager {
             .filter(|a| a.vps_id == id)
             .map(|a| IpView {
                 address: a.address,
-                kind: a.kind,
+                kind: IpKind::from_store(&a.kind),
                 adapter: PRIMARY_ADAPTER.into(),
             })
             .collect();
-        ips.sort_by_key(|i| (i.kind != "primary", i.address));
+        ips.sort_by_key(|i| (i.kind, i.address));
         let private_networks = members
             .iter()
             .map(|m| {
                 let n = networks.iter().find(|n| n.id == m.network_id);
-                serde_json::json!({
-                    "network_id": m.network_id,
-                    "name": n.map(|n| n.name.clone()),
-                    "vni": n.map(|n| n.vni),
-                    "membership_id": m.id,
-                    "address": m.address,
-                    "mac": m.mac,
-                    "adapter": format!("eth{}", m.nic),
-                })
+                VmPrivateNetwork {
+                    network_id: m.network_id,
+                    name: n.map(|n| n.name.clone()),
+                    vni: n.map(|n| n.vni),
+                    membership_id: m.id,
+                    address: m.address,
+                    mac: m.mac.clone(),
+                    adapter: format!("eth{}", m.nic),
+                }
             })
             .collect();
         Ok(VmDetail {

@@ -12,7 +12,7 @@ use crate::errors::ErrorCode;
 use crate::store;
 
 /// What startup found when it compared the store with libvirt.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Reconciliation {
     /// Tasks resumed (create, delete, reinstall, resize, snapshots, addresses, private
     /// networks).
@@ -26,7 +26,9 @@ pub struct Reconciliation {
     /// What the `reconcile` settings removed of the above.
     pub removed: Vec<Uuid>,
     /// What re-applying the network from the store did.
+    #[schema(required = true)]
     pub network: Option<crate::network::Applied>,
+    #[schema(required = true)]
     pub network_error: Option<String>,
 }
 

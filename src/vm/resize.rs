@@ -18,8 +18,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::domain::{define, ensure_off, shutdown, start_domain, write_seed};
-use super::lifecycle::StopOptions;
+use super::domain::{define, ensure_off, shutdown, start_domain, write_seed, StopOptions};
 use super::model::{ResizeRequest, TaskAccepted};
 use super::validate::{self, ValidationError};
 use super::{Ctx, Op, Resume, TaskKind, VmError, VmManager};
