@@ -173,7 +173,21 @@ pub(crate) async fn update_filter(ctx: &Ctx, vm: &VmRow, op: Op) -> Result<(), V
 /// Makes the whole host network match the store (startup, after a host reboot).
 pub(crate) async fn reconcile(ctx: &Ctx) -> Result<network::Applied, VmError> {
     let _serial = ctx.filter_lock.lock().await;
-    let desired = desired(ctx, &[]).await?;
+    // A VM whose delete is under way (resumed after a restart) keeps its record until the
+    // delete's last step; what its `remove_network` step took down must stay down.
+    let deleting: Vec<Uuid> = ctx
+        .store
+        .call(|c| store::vms::list(c))
+        .await?
+        .into_iter()
+        .map(|vm| vm.id)
+        .filter(|id| {
+            ctx.engine
+                .holder(*id)
+                .is_some_and(|h| h.kind == super::TaskKind::Delete.as_str())
+        })
+        .collect();
+    let desired = desired(ctx, &deleting).await?;
     ctx.net.apply(&desired).await.map_err(net_err(Op::Network))
 }
 

@@ -112,16 +112,34 @@ impl Default for AgentOptions {
     }
 }
 
-/// A tap prefix no other agent of this test process uses (`k` + one of 36 characters).
-fn next_tap_prefix() -> String {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+/// A tap prefix no other agent on this rig has had since `tests/run` last cleared the
+/// rig's `e2e` directory: claimed as a file there (atomically, so concurrent test processes
+/// never share one) and never handed out again, because an agent killed mid-test leaves
+/// its filter table behind, and that table's fail-closed rule drops every port with its
+/// prefix. (`vb`, `hv`, `vh` are the agent's own; `fz` is the API fuzzing agent's.)
+fn claim_tap_prefix(rig: &Rig) -> String {
+    let dir = rig.root.join("e2e/tap-prefixes");
+    std::fs::create_dir_all(&dir).unwrap();
     let chars = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    assert!(
-        n < chars.len(),
-        "more agents than tap prefixes in one test run"
-    );
-    format!("k{}", chars[n] as char)
+    for &a in &chars[..26] {
+        for &b in chars {
+            let prefix = format!("{}{}", a as char, b as char);
+            if ["vb", "hv", "vh", "fz"].contains(&prefix.as_str()) {
+                continue;
+            }
+            let claimed = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dir.join(&prefix));
+            if claimed.is_ok() {
+                return prefix;
+            }
+        }
+    }
+    panic!(
+        "every tap prefix is claimed; tests/run clears {}",
+        dir.display()
+    )
 }
 
 fn free_port() -> u16 {
@@ -150,7 +168,7 @@ impl Agent {
         let config_path = dir.join("config.toml");
         let net = rig.gateway.rsplit_once('.').unwrap().0.to_string();
         let filter_table = format!("hv_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let tap_prefix = next_tap_prefix();
+        let tap_prefix = claim_tap_prefix(&rig);
         let config = format!(
             r#"[api]
 listen = "127.0.0.1:{port}"
