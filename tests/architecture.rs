@@ -131,7 +131,7 @@ fn operations_never_import_operations() {
         "resize",
         "snapshots",
         "ips",
-        "private_nets",
+        "private_nics",
     ];
     for op in operations {
         let text = std::fs::read_to_string(vm.join(format!("{op}.rs"))).unwrap();

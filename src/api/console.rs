@@ -263,44 +263,25 @@ pub async fn console_ws(
     // The ticket is used up before the console is opened: of two uses of one ticket,
     // the loser must not get as far as taking over the winner's (serial) console.
     let grant = app.tickets.redeem(&ticket).map_err(refused)?;
-    let hv = app.vms.hypervisor().clone();
-    let failed = |e: crate::hypervisor::HypervisorError| {
-        tracing::warn!(vps = %grant.vm, error = %e, "cannot open console");
-        ApiError::new(
-            ErrorCode::ConsoleFailed,
-            format!("cannot open the console of VPS {}: {e}", grant.vm),
-        )
-    };
-    enum Backend {
-        Vnc(tokio::net::UnixStream),
-        Serial(crate::hypervisor::ConsoleSession),
-    }
-    let backend = match grant.kind {
-        ConsoleKind::Novnc => {
-            let fd = hv.open_graphics(grant.vm).await.map_err(failed)?;
-            let std_sock = std::os::unix::net::UnixStream::from(fd);
-            std_sock
-                .set_nonblocking(true)
-                .and_then(|()| tokio::net::UnixStream::from_std(std_sock))
-                .map(Backend::Vnc)
-                .map_err(|e| {
-                    ApiError::new(ErrorCode::ConsoleFailed, format!("graphics socket: {e}"))
-                })?
-        }
-        ConsoleKind::Serial => Backend::Serial(hv.open_serial(grant.vm).await.map_err(failed)?),
-    };
+    let backend = console::backend::open(app.vms.hypervisor().as_ref(), &grant)
+        .await
+        .map_err(|e| {
+            tracing::warn!(vps = %grant.vm, error = %e, "cannot open console");
+            match e {
+                console::backend::OpenError::Hypervisor(e) => ApiError::new(
+                    ErrorCode::ConsoleFailed,
+                    format!("cannot open the console of VPS {}: {e}", grant.vm),
+                ),
+                other => ApiError::new(ErrorCode::ConsoleFailed, other.to_string()),
+            }
+        })?;
     tracing::info!(vps = %grant.vm, kind = grant.kind.as_str(), "console session opened");
     Ok(ws
         .protocols(["binary"])
         .max_message_size(console::proxy::MAX_CLIENT_MESSAGE)
         .max_frame_size(console::proxy::MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| async move {
-            let pump = async {
-                match backend {
-                    Backend::Vnc(sock) => console::proxy::pump_io(socket, sock).await,
-                    Backend::Serial(s) => console::proxy::pump_serial(socket, s).await,
-                }
-            };
+            let pump = console::backend::pump(socket, backend);
             // The VM was suspended, reinstalled or deleted: the session ends with it.
             let ended = tokio::select! {
                 _ = pump => false,

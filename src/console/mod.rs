@@ -2,6 +2,7 @@
 //! server (through libvirt's graphics fd, no TCP port) or serial console (a libvirt
 //! stream).
 
+pub mod backend;
 pub mod proxy;
 pub mod sessions;
 pub mod tickets;

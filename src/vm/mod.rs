@@ -31,6 +31,7 @@ mod lifecycle;
 pub mod model;
 mod net;
 pub mod private_nets;
+mod private_nics;
 mod query;
 mod readiness;
 mod recover;

@@ -88,7 +88,7 @@ impl VmManager {
                     super::ips::resume(ctx, kind, &task)
                 }
                 TaskKind::NetAttach | TaskKind::NetDetach => {
-                    super::private_nets::resume(ctx, kind, &task).await
+                    super::private_nics::resume(ctx, kind, &task).await
                 }
                 // A power action's caller is gone with the old process; its effect (or
                 // not) is visible in libvirt, and the control plane retries if needed.
