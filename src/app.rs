@@ -266,10 +266,15 @@ impl App {
         let storage = node::fs_usage(&self.config.storage.vm_dir);
         let counts = self.vms.counts().await?;
         let names = self.vms.hostnames().await?;
-        let tasks = self
+        let (tasks, webhooks) = self
             .vms
             .store()
-            .call(|c| crate::store::tasks::count_by_state(c))
+            .call(|c| {
+                Ok((
+                    crate::store::tasks::count_by_state(c)?,
+                    crate::tasks::webhooks::count_by_state(c)?,
+                ))
+            })
             .await?;
         let samples = self.sampler.all();
         let requests = self.requests.snapshot();
@@ -294,6 +299,7 @@ impl App {
                 samples: &samples,
                 names: &names,
                 tasks_by_state: &tasks,
+                webhooks_by_state: &webhooks,
                 requests: &requests,
                 sweep: self.sampler.figures(),
                 libvirt_up,

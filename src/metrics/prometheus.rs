@@ -22,6 +22,7 @@ pub struct Scrape<'a> {
     pub samples: &'a HashMap<Uuid, Sample>,
     pub names: &'a HashMap<Uuid, String>,
     pub tasks_by_state: &'a [(String, u64)],
+    pub webhooks_by_state: &'a [(&'static str, u64)],
     pub requests: &'a [((String, String, u16), u64)],
     pub sweep: SweepFigures,
     pub libvirt_up: bool,
@@ -234,6 +235,14 @@ pub fn render(s: &Scrape) -> String {
         o.sample("hvnode_tasks", &[("state", state)], *n as f64);
     }
     o.family(
+        "hvnode_webhooks",
+        "gauge",
+        "Webhook deliveries by state (pending: not yet acknowledged; abandoned: given up after webhooks.max_age_s).",
+    );
+    for (state, n) in s.webhooks_by_state {
+        o.sample("hvnode_webhooks", &[("state", state)], *n as f64);
+    }
+    o.family(
         "hvnode_api_requests_total",
         "counter",
         "API requests by route, method and status.",
@@ -326,6 +335,7 @@ mod tests {
             samples: &samples,
             names: &names,
             tasks_by_state: &[("completed".into(), 3)],
+            webhooks_by_state: &[("pending", 1), ("delivered", 2), ("abandoned", 0)],
             requests: &[(("/v1/vms".into(), "GET".into(), 200), 7)],
             sweep: SweepFigures::default(),
             libvirt_up: true,

@@ -49,6 +49,26 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The outbox by state: `pending` (not yet acknowledged by a 2xx), `delivered`, and
+/// `abandoned` (given up after `webhooks.max_age_s`).
+pub fn count_by_state(conn: &Connection) -> rusqlite::Result<[(&'static str, u64); 3]> {
+    conn.query_row(
+        "SELECT
+            COUNT(*) FILTER (WHERE delivered_at IS NULL AND abandoned_at IS NULL),
+            COUNT(*) FILTER (WHERE delivered_at IS NOT NULL),
+            COUNT(*) FILTER (WHERE abandoned_at IS NOT NULL)
+         FROM webhooks",
+        [],
+        |r| {
+            Ok([
+                ("pending", r.get::<_, i64>(0)? as u64),
+                ("delivered", r.get::<_, i64>(1)? as u64),
+                ("abandoned", r.get::<_, i64>(2)? as u64),
+            ])
+        },
+    )
+}
+
 /// Adds an event to the outbox (inside the caller's transaction). Repeats are ignored.
 pub fn enqueue(conn: &Connection, hook: &NewWebhook<'_>) -> rusqlite::Result<()> {
     conn.execute(
@@ -371,6 +391,15 @@ mod tests {
             .unwrap();
 
         assert_eq!(count, 1);
+        let states = store.call_sync(|c| Ok(count_by_state(c)?)).unwrap();
+        assert_eq!(states, [("pending", 1), ("delivered", 0), ("abandoned", 0)]);
+        let states = store
+            .call_sync(|c| {
+                c.execute("UPDATE webhooks SET delivered_at = 'now'", [])?;
+                Ok(count_by_state(c)?)
+            })
+            .unwrap();
+        assert_eq!(states, [("pending", 0), ("delivered", 1), ("abandoned", 0)]);
     }
 
     #[test]

@@ -157,7 +157,24 @@ async fn ten_creates_at_once_fit_capacity_webhooks_survive_restarts_and_actions_
             "webhook of conc-{i} delivered"
         );
     }
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Nothing comes after a delivery: the outbox has nothing left to send, and then each
+    // receiver has exactly the attempts counted below.
+    let drained = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while std::time::Instant::now() < deadline {
+            if agent.metric("hvnode_webhooks{state=\"pending\"}").await == Some(0.0) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        false
+    };
+    assert!(drained.await, "the webhook outbox drained");
+    assert_eq!(
+        agent.metric("hvnode_webhooks{state=\"delivered\"}").await,
+        Some(admitted.len() as f64),
+        "every deployment's webhook delivered, as the agent counts them"
+    );
     for i in &admitted {
         let requests = hooks.requests(*i);
         assert_eq!(

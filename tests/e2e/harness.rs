@@ -413,6 +413,29 @@ dns = ["{gw}"]
         (status, value)
     }
 
+    /// The agent's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let resp = self
+            .client
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("/metrics: {e}"));
+        resp.text().await.unwrap()
+    }
+
+    /// The value of one sample in `/metrics`, as `name{labels}` is written there.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        self.metrics().await.lines().find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.request(reqwest::Method::GET, path, None).await
     }
