@@ -222,6 +222,57 @@ async fn bodies_that_are_not_json_are_invalid_json() {
     }
 }
 
+/// serde reads a JSON array into a struct's fields in order; a body must be an object, so
+/// `[null, null]` is no `{}` in disguise (found by fuzzing against real VMs: it added an
+/// address).
+#[tokio::test]
+async fn bodies_that_are_json_but_not_objects_are_invalid_json_and_change_nothing() {
+    let h = harness();
+    let cases = [
+        ("/v1/private-networks", r#"["arraynet"]"#),
+        ("/v1/private-networks", r#"["arraynet", "10.99.0.0/24"]"#),
+        (&*format!("/v1/vms/{VM}/ips"), "[null, null]"),
+        (&*format!("/v1/vms/{VM}/snapshots"), r#"["snap1"]"#),
+        ("/v1/vms", "[]"),
+        ("/v1/private-networks", "\"arraynet\""),
+        ("/v1/private-networks", "7"),
+        ("/v1/private-networks", "null"),
+    ];
+    for (path, body) in cases {
+        let (status, resp) = send(
+            &h,
+            request(Method::POST, path, Some(TOKEN), Body::from(body)),
+        )
+        .await;
+
+        assert_error(status, &resp, 400, "INVALID_JSON");
+    }
+    let (status, list) = send(
+        &h,
+        request(
+            Method::GET,
+            "/v1/private-networks",
+            Some(TOKEN),
+            Body::empty(),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["data"]["networks"], json!([]), "nothing was created");
+    // The same request as an object is accepted: the refusal is about the shape only.
+    let (status, made) = send(
+        &h,
+        request(
+            Method::POST,
+            "/v1/private-networks",
+            Some(TOKEN),
+            Body::from(r#"{"name": "objectnet"}"#),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+}
+
 #[tokio::test]
 async fn oversized_bodies_are_413_declared_or_streamed() {
     let h = harness();

@@ -42,12 +42,22 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "request body is empty; send a JSON object",
         ));
     }
-    serde_json::from_slice(bytes).map_err(|e| {
+    let invalid = |e: serde_json::Error| {
         ApiError::new(
             ErrorCode::InvalidJson,
             format!("request body is not valid: {e}"),
         )
-    })
+    };
+    // Every body is an object. serde would read an array into a struct's fields in order
+    // (`[null, null]` as an empty add-address request), so the shape is checked first; the
+    // parse itself stays strict (a repeated key is still refused).
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::new(
+            ErrorCode::InvalidJson,
+            "request body must be a JSON object",
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(invalid)
 }
 
 /// An optional JSON body: empty means `T::default()`.
