@@ -117,12 +117,19 @@ impl Default for AgentOptions {
 /// never share one) and never handed out again, because an agent killed mid-test leaves
 /// its filter table behind, and that table's fail-closed rule drops every port with its
 /// prefix. (`vb`, `hv`, `vh` are the agent's own; `fz` is the API fuzzing agent's.)
-fn claim_tap_prefix(rig: &Rig) -> String {
+///
+/// The claim's number also gives the agent private-network VNIs of its own (unless the
+/// test configures `[network.private]` itself): bridges are named after their VNI
+/// (`hvp<vni>`), so two agents allocating from one range would share, and tear down,
+/// each other's bridges.
+fn claim_tap_prefix(rig: &Rig) -> (String, u32) {
     let dir = rig.root.join("e2e/tap-prefixes");
     std::fs::create_dir_all(&dir).unwrap();
     let chars = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut number = 0;
     for &a in &chars[..26] {
         for &b in chars {
+            number += 1;
             let prefix = format!("{}{}", a as char, b as char);
             if ["vb", "hv", "vh", "fz"].contains(&prefix.as_str()) {
                 continue;
@@ -132,7 +139,7 @@ fn claim_tap_prefix(rig: &Rig) -> String {
                 .create_new(true)
                 .open(dir.join(&prefix));
             if claimed.is_ok() {
-                return prefix;
+                return (prefix, number);
             }
         }
     }
@@ -168,7 +175,16 @@ impl Agent {
         let config_path = dir.join("config.toml");
         let net = rig.gateway.rsplit_once('.').unwrap().0.to_string();
         let filter_table = format!("hv_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let tap_prefix = claim_tap_prefix(&rig);
+        let (tap_prefix, claim) = claim_tap_prefix(&rig);
+        let private_range = if opts.extra_toml.contains("[network.private]") {
+            String::new()
+        } else {
+            let first = 20_000 + claim * 10;
+            format!(
+                "[network.private]\nvni_first = {first}\nvni_last = {}\n",
+                first + 9
+            )
+        };
         let config = format!(
             r#"[api]
 listen = "127.0.0.1:{port}"
@@ -205,6 +221,7 @@ first = "{net}.{first}"
 last = "{net}.{last}"
 dns = ["{gw}"]
 
+{private_range}
 {extra}
 "#,
             socket = socket.display(),

@@ -10,6 +10,7 @@ mod console;
 mod crash;
 mod edge;
 mod frames;
+mod guest_actions;
 mod harness;
 mod isolation;
 mod lifecycle;
