@@ -101,7 +101,7 @@ impl VmManager {
             };
             match resume {
                 Resume::Run(launch) => {
-                    tracing::info!(task = %task.id, vps = %id, %kind, "resuming");
+                    tracing::info!(task = %task.id, vps = %id, "resuming {kind}");
                     report.resumed.push(task.id);
                     launch(claim);
                 }
