@@ -148,14 +148,7 @@ mod tests {
 
     #[test]
     fn power_actions_keep_their_names() {
-        for a in [
-            Action::Start,
-            Action::Stop,
-            Action::Restart,
-            Action::Reset,
-            Action::Suspend,
-            Action::Resume,
-        ] {
+        for a in Action::ALL {
             assert_eq!(TaskKind::from(a).as_str(), a.as_str());
         }
     }

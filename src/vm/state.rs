@@ -39,17 +39,17 @@ impl Action {
         }
     }
 
+    pub const ALL: [Action; 6] = [
+        Action::Start,
+        Action::Stop,
+        Action::Restart,
+        Action::Reset,
+        Action::Suspend,
+        Action::Resume,
+    ];
+
     pub fn parse(s: &str) -> Option<Action> {
-        [
-            Action::Start,
-            Action::Stop,
-            Action::Restart,
-            Action::Reset,
-            Action::Suspend,
-            Action::Resume,
-        ]
-        .into_iter()
-        .find(|a| a.as_str() == s)
+        Action::ALL.into_iter().find(|a| a.as_str() == s)
     }
 }
 
