@@ -169,6 +169,12 @@ impl Sampler {
         self.read(|l| l.samples.get(&id).cloned())
     }
 
+    /// The pid of `id`'s QEMU now (one small file read, no libvirt call): a sample with
+    /// another pid predates a restart.
+    pub fn qemu_pid(&self, id: Uuid) -> Option<u32> {
+        qemu_pid(&self.inner.pid_dir, id)
+    }
+
     fn read<T>(&self, f: impl FnOnce(&Latest) -> T) -> T {
         f(&self.inner.latest.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -234,13 +240,13 @@ impl Sampler {
                     (Some(b), Some(dt)) => cpu_percent(&b.stats, &s, dt),
                     _ => 0.0,
                 };
-                // The same QEMU process as last time keeps its pid; a restarted VM has a
-                // new one (and its CPU time starts again from zero).
-                let (pid, started_unix) = match before {
-                    Some(b) if b.pid.is_some() && s.cpu_time_ns >= b.stats.cpu_time_ns => {
-                        (b.pid, b.started_unix)
-                    }
-                    _ => qemu_process(&self.inner.pid_dir, s.id),
+                // The pid file names the QEMU process: the same one as last time keeps its
+                // start time; a restarted VM has a new process, even when the restart fell
+                // between two sweeps and its CPU time already passed the old one's.
+                let pid = qemu_pid(&self.inner.pid_dir, s.id);
+                let started_unix = match before {
+                    Some(b) if b.pid.is_some() && b.pid == pid => b.started_unix,
+                    _ => pid.and_then(process_start_unix),
                 };
                 let qmpstatus = match statuses.get(&s.id) {
                     Some(q) => Some(q.clone()),
@@ -356,15 +362,11 @@ fn pid_dir(uri: &str) -> std::path::PathBuf {
     }
 }
 
-/// The QEMU process of domain `vps-<id>`: pid and start time (Unix seconds).
-fn qemu_process(dir: &std::path::Path, id: Uuid) -> (Option<u32>, Option<u64>) {
-    let Some(pid) = std::fs::read_to_string(dir.join(format!("vps-{id}.pid")))
+/// The QEMU process of domain `vps-<id>`, from the pid file libvirt writes at its start.
+fn qemu_pid(dir: &std::path::Path, id: Uuid) -> Option<u32> {
+    std::fs::read_to_string(dir.join(format!("vps-{id}.pid")))
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
-    else {
-        return (None, None);
-    };
-    (Some(pid), process_start_unix(pid))
 }
 
 fn process_start_unix(pid: u32) -> Option<u64> {
@@ -465,6 +467,7 @@ mod tests {
             block_reported: true,
             net_rx_bytes: 0,
             net_tx_bytes: 0,
+            off_reason: None,
         }
     }
 
