@@ -265,20 +265,34 @@ fn check_bandwidth(
         2,
         "{label}: the kernel shapes A's tap and IFB at 50 Mbit/s: {qdiscs}"
     );
-    let (up_a, up_b) = (upload_mbps(rig, a), upload_mbps(rig, b));
-    let (down_a, down_b) = (download_mbps(rig, a, ip_a), download_mbps(rig, b, ip_b));
-    eprintln!(
-        "{label}: upload A {up_a:.1}, B {up_b:.1}; download A {down_a:.1}, B {down_b:.1} Mbit/s"
-    );
-    for (what, limited, free) in [("upload", up_a, up_b), ("download", down_a, down_b)] {
+    // The limit shows only where the unshaped path carries clearly more than it. On a host
+    // loaded by other tests' guests (all under TCG) the control may not: such a round
+    // proves nothing either way, and is measured again.
+    for what in ["upload", "download"] {
+        let measure = |id: &str, ip: &str| match what {
+            "upload" => upload_mbps(rig, id),
+            _ => download_mbps(rig, id, ip),
+        };
+        let mut rounds = Vec::new();
+        let conclusive = (0..4).find_map(|_| {
+            let (limited, free) = (measure(a, ip_a), measure(b, ip_b));
+            rounds.push(format!("A {limited:.1} / B {free:.1}"));
+            (free > 1.5 * 50.0).then_some(limited)
+        });
+        eprintln!("{label}: {what} in Mbit/s: {}", rounds.join(", "));
+        let Some(limited) = conclusive else {
+            panic!(
+                "{label}: B's unshaped {what} never exceeded 75 Mbit/s in {} rounds ({}): \
+                 the host is too loaded to show a 50 Mbit/s limit",
+                rounds.len(),
+                rounds.join(", ")
+            );
+        };
         assert!(
             (40.0..=60.0).contains(&limited),
-            "{label}: A's {what} {limited:.1} Mbit/s is not within 20% of 50"
-        );
-        assert!(
-            free > 1.5 * limited,
-            "{label}: B's unshaped {what} ({free:.1} Mbit/s) shows the path carries more \
-             than A's {limited:.1}"
+            "{label}: A's {what} {limited:.1} Mbit/s is not within 20% of 50 while B's \
+             unshaped path carried more than 75 ({})",
+            rounds.join(", ")
         );
     }
 }
@@ -363,7 +377,7 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     let x = added["data"]["address"].as_str().unwrap().to_owned();
     assert_eq!(added["data"]["adapter"], json!("eth0"));
     assert!(
-        eventually(Duration::from_secs(20), || tcp_open(&ns, &x, 22)).await,
+        eventually(Duration::from_secs(120), || tcp_open(&ns, &x, 22)).await,
         "A answers on {x}"
     );
     let (_, list) = agent.get(&format!("/v1/vms/{a}/ips")).await;
@@ -380,7 +394,7 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     assert_eq!(s, 200, "{removed}");
     assert!(!guest_addresses(&a).contains(&format!("{x}/")));
     assert!(
-        eventually(Duration::from_secs(10), || !tcp_open(&ns, &x, 22)).await,
+        eventually(Duration::from_secs(30), || !tcp_open(&ns, &x, 22)).await,
         "{x} no longer answers"
     );
     let (s, again) = agent
@@ -404,7 +418,7 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     );
     assert!(guest_addresses(&b).contains(&format!("{x}/")), "B has {x}");
     assert!(
-        eventually(Duration::from_secs(20), || tcp_open(&ns, &x, 22)).await,
+        eventually(Duration::from_secs(120), || tcp_open(&ns, &x, 22)).await,
         "B answers on {x}"
     );
     let (_, mac_b) = agent.get(&format!("/v1/vms/{b}")).await;
@@ -456,7 +470,7 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
                     mac.trim()
                 ),
             );
-            assert!(eventually(Duration::from_secs(20), || tcp_open(&rig.netns, &ip_a, 22)).await);
+            assert!(eventually(Duration::from_secs(120), || tcp_open(&rig.netns, &ip_a, 22)).await);
         }
     };
     check_spoofing("before the flush").await;
@@ -541,13 +555,13 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
             peer_in_b.clone(),
         );
         async move {
-            let ok = eventually(Duration::from_secs(30), || {
+            let ok = eventually(Duration::from_secs(120), || {
                 guest_sh(&a, &format!("ping -c 1 -W 2 {pb}")).0 == 0
             })
             .await;
             assert!(ok, "{label}: A reaches B on network A");
             // C's private NIC works: it reaches the second host's member of network B…
-            let ok = eventually(Duration::from_secs(30), || {
+            let ok = eventually(Duration::from_secs(120), || {
                 guest_sh(&c, &format!("arping -c 1 -w 2 -I eth1 {peer_in_b}")).0 == 0
             })
             .await;
@@ -563,7 +577,7 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
             assert_ne!(code, 0, "{label}: C (network B) does not reach A");
             let (code, _) = guest_sh(&c, &format!("arping -c 2 -w 3 -I eth1 {pb}"));
             assert_ne!(code, 0, "{label}: C (network B) does not reach B");
-            let ok = eventually(Duration::from_secs(30), || {
+            let ok = eventually(Duration::from_secs(120), || {
                 ns_sh("hvpeera", &format!("ping -c 1 -W 2 {pa}")).0
             })
             .await;
@@ -575,7 +589,7 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
                 "{label}: the second host's member of A reaches A over VXLAN"
             );
             // The second host's member of network B reaches C, on network B…
-            let ok = eventually(Duration::from_secs(30), || {
+            let ok = eventually(Duration::from_secs(120), || {
                 ns_sh("hvpeerb", &format!("ping -c 1 -W 2 {pc}")).0
             })
             .await;
@@ -631,11 +645,11 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
         "{node}"
     );
     assert!(
-        eventually(Duration::from_secs(20), || tcp_open(&ns, &ip_a, 22)).await,
+        eventually(Duration::from_secs(120), || tcp_open(&ns, &ip_a, 22)).await,
         "A reachable again"
     );
     assert!(
-        eventually(Duration::from_secs(20), || tcp_open(&ns, &x, 22)).await,
+        eventually(Duration::from_secs(120), || tcp_open(&ns, &x, 22)).await,
         "B answers on {x} again"
     );
     let (_, nft) = ns_sh(
