@@ -254,6 +254,7 @@ impl PerDomain {
             block_reported: false,
             net_rx_bytes: 0,
             net_tx_bytes: 0,
+            off_reason: None,
         };
         for m in d.memory_stats(0).unwrap_or_default() {
             match m.tag {

@@ -242,10 +242,16 @@ impl App {
         // A power action since that sample (suspend, resume, stop): libvirt already says
         // so, the sample does not yet. Take a sample from a sweep begun after this request
         // (one such sweep serves every request waiting for it) rather than answer stale.
+        // A restart (stop and start between two sweeps) leaves the status as it was; the
+        // QEMU process is another one.
         let paused = |s: &crate::metrics::Sample| s.stats.state == PowerState::Paused;
+        let restarted = |s: &crate::metrics::Sample| {
+            let now = self.sampler.qemu_pid(id);
+            now.is_some() && now != s.pid
+        };
         let stale = match (&sample, status) {
-            (Some(s), VmStatus::Suspended) => !paused(s),
-            (Some(s), VmStatus::Running) => paused(s),
+            (Some(s), VmStatus::Suspended) => !paused(s) || restarted(s),
+            (Some(s), VmStatus::Running) => paused(s) || restarted(s),
             (Some(_), VmStatus::Stopped) => true,
             (None, VmStatus::Running | VmStatus::Suspended) => true,
             _ => false,
@@ -253,10 +259,12 @@ impl App {
         if stale {
             sample = self.sampler.fresh_since(id, asked).await;
         }
+        let last_stop_reason = self.vms.power(id).await?.and_then(|p| p.last_stop_reason);
         Ok(crate::metrics::status::document(
             &vm,
             status,
             sample.as_ref(),
+            last_stop_reason,
         ))
     }
 
@@ -300,6 +308,7 @@ impl App {
                 names: &names,
                 tasks_by_state: &tasks,
                 webhooks_by_state: &webhooks,
+                keeper: self.vms.keeper_counts(),
                 requests: &requests,
                 sweep: self.sampler.figures(),
                 libvirt_up,

@@ -55,6 +55,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub console: ConsoleConfig,
     pub snapshots: SnapshotsConfig,
+    pub boot: BootConfig,
+    pub autorestart: AutorestartConfig,
     pub log: LogConfig,
 }
 
@@ -422,6 +424,56 @@ impl Default for MetricsConfig {
     }
 }
 
+/// What the agent does at its start for VMs that should run and do not (a host reboot):
+/// it starts them, a few at a time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootConfig {
+    /// The node-wide switch: `false` holds every VM down at start (maintenance).
+    pub autostart: bool,
+    /// How many starts run at once.
+    pub parallel: usize,
+    /// Pause between launching one start and the next.
+    pub delay_ms: u64,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        Self {
+            autostart: true,
+            parallel: 4,
+            delay_ms: 2000,
+        }
+    }
+}
+
+/// VMs whose QEMU ends without being asked (crash, OOM killer, killed from outside) are
+/// started again, with backoff, a limited number of times.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutorestartConfig {
+    pub enabled: bool,
+    /// How often libvirt's domain states are read to notice a QEMU that ended.
+    pub interval_ms: u64,
+    /// At most this many restarts of one VM within `window_s`; then it is left stopped.
+    pub max_restarts: u32,
+    pub window_s: u64,
+    /// Wait before the first restart; doubled for each further one in the window.
+    pub backoff_ms: u64,
+}
+
+impl Default for AutorestartConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: 2000,
+            max_restarts: 3,
+            window_s: 600,
+            backoff_ms: 1000,
+        }
+    }
+}
+
 /// Browser (noVNC) and serial consoles.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -529,6 +581,18 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.boot.parallel == 0 {
+            return Err(ConfigError::Invalid(
+                "boot.parallel must be at least 1".into(),
+            ));
+        }
+        let ar = &self.autorestart;
+        if ar.interval_ms < 100 || ar.window_s == 0 {
+            return Err(ConfigError::Invalid(
+                "autorestart.interval_ms must be at least 100 and autorestart.window_s at least 1"
+                    .into(),
+            ));
+        }
         let api = &self.api;
         if api.header_timeout_ms < 100 || api.body_timeout_ms < 100 {
             return Err(ConfigError::Invalid(

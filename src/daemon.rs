@@ -65,8 +65,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         abandoned = report.abandoned.len(),
         unknown_domains = report.unknown_domains.len(),
         missing_domains = report.missing_domains.len(),
+        autostart = report.autostart.len(),
         "startup reconciliation done"
     );
+    app.vms.start_keeper(report.autostart.clone());
 
     let tcp = TcpListener::bind(app.config.api.listen)
         .await

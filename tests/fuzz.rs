@@ -301,12 +301,21 @@ fn create_request() -> impl Strategy<Value = CreateVmRequest> {
             prop::option::of(ip),
             prop::option::of(url),
             prop::option::of(secret),
+            prop::option::of(any::<bool>()),
         ),
     )
         .prop_map(
             |(
                 (id, hostname, template_id, cpu_cores, ram_mb, disk_gb),
-                (root_password, ssh_keys, bandwidth_mbps, ip_address, webhook_url, webhook_secret),
+                (
+                    root_password,
+                    ssh_keys,
+                    bandwidth_mbps,
+                    ip_address,
+                    webhook_url,
+                    webhook_secret,
+                    autostart,
+                ),
             )| CreateVmRequest {
                 id,
                 hostname,
@@ -320,6 +329,7 @@ fn create_request() -> impl Strategy<Value = CreateVmRequest> {
                 ip_address,
                 webhook_url,
                 webhook_secret,
+                autostart,
             },
         )
 }

@@ -503,13 +503,16 @@ impl Hypervisor for Libvirt {
         .await
     }
 
+    async fn domain_states(&self) -> Result<Vec<DomainStats>> {
+        self.with_conn("domain states", |c| {
+            // SAFETY: c is an open connection for the duration of the call.
+            unsafe { stats::states(c.as_ptr()) }.map_err(|()| VirtError::last_error())
+        })
+        .await
+    }
+
     async fn power_states(&self) -> Result<HashMap<Uuid, PowerState>> {
-        let all = self
-            .with_conn("domain states", |c| {
-                // SAFETY: c is an open connection for the duration of the call.
-                unsafe { stats::states(c.as_ptr()) }.map_err(|()| VirtError::last_error())
-            })
-            .await?;
+        let all = self.domain_states().await?;
         Ok(all.into_iter().map(|s| (s.id, s.state)).collect())
     }
 

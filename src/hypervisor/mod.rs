@@ -86,6 +86,43 @@ pub struct DomainStats {
     /// Summed over its NICs, from the guest's point of view (rx = received by the guest).
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
+    /// Why a shut-off domain stopped (`None` while it runs).
+    pub off_reason: Option<OffReason>,
+}
+
+/// Why libvirt says a domain is shut off (`virDomainShutoffReason`). Only libvirtd's
+/// memory holds it: after a libvirtd restart every inactive domain says `Unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffReason {
+    Unknown,
+    /// The guest powered off (on its own, or asked by ACPI).
+    Shutdown,
+    /// Someone pulled the plug (`virsh destroy`, or the agent's forced stop).
+    Destroyed,
+    /// QEMU ended without being asked: it crashed or was killed.
+    Crashed,
+    Migrated,
+    Saved,
+    /// QEMU failed to start.
+    Failed,
+    FromSnapshot,
+    Daemon,
+}
+
+impl OffReason {
+    pub fn from_libvirt(reason: u64) -> OffReason {
+        match reason {
+            1 => OffReason::Shutdown,
+            2 => OffReason::Destroyed,
+            3 => OffReason::Crashed,
+            4 => OffReason::Migrated,
+            5 => OffReason::Saved,
+            6 => OffReason::Failed,
+            7 => OffReason::FromSnapshot,
+            8 => OffReason::Daemon,
+            _ => OffReason::Unknown,
+        }
+    }
 }
 
 /// A serial console session: bytes from the guest arrive on `from_guest` (closed when the
@@ -132,6 +169,8 @@ pub trait Hypervisor: Send + Sync {
         timeout_s: i32,
     ) -> Result<serde_json::Value>;
     async fn list_domains(&self) -> Result<Vec<DomainSummary>>;
+    /// Every defined domain's power state and, when shut off, why; in one round trip.
+    async fn domain_states(&self) -> Result<Vec<DomainStats>>;
     /// Every defined domain's power state, in one round trip.
     async fn power_states(&self) -> Result<std::collections::HashMap<Uuid, PowerState>> {
         Ok(self

@@ -10,7 +10,7 @@ use std::ffi::CStr;
 use uuid::Uuid;
 use virt::sys;
 
-use super::{DomainStats, PowerState};
+use super::{DomainStats, OffReason, PowerState};
 
 /// The statistics groups asked for in every sweep.
 pub const GROUPS: u32 = sys::VIR_DOMAIN_STATS_STATE
@@ -63,11 +63,14 @@ pub fn fold<'a>(id: Uuid, params: impl IntoIterator<Item = (&'a str, Value)>) ->
         block_reported: false,
         net_rx_bytes: 0,
         net_tx_bytes: 0,
+        off_reason: None,
     };
+    let mut reason = 0;
     for (field, value) in params {
         let Some(v) = value.as_u64() else { continue };
         match field {
             "state.state" => s.state = state(v),
+            "state.reason" => reason = v,
             "cpu.time" => s.cpu_time_ns = v,
             "vcpu.current" => s.vcpus = u32::try_from(v).unwrap_or(u32::MAX),
             "balloon.current" => s.balloon_current_kib = v,
@@ -99,6 +102,9 @@ pub fn fold<'a>(id: Uuid, params: impl IntoIterator<Item = (&'a str, Value)>) ->
                 }
             }
         }
+    }
+    if s.state == PowerState::Shutoff {
+        s.off_reason = Some(OffReason::from_libvirt(reason));
     }
     s
 }
@@ -224,6 +230,27 @@ mod tests {
         assert_eq!(s.guest_unused_kib, None);
         assert_eq!((s.block_read_bytes, s.block_write_bytes), (120, 7));
         assert_eq!((s.net_rx_bytes, s.net_tx_bytes), (1001, 50));
+    }
+
+    #[test]
+    fn a_shut_off_domain_says_why() {
+        let off = |reason| {
+            fold(
+                Uuid::nil(),
+                [
+                    ("state.state", Value::Signed(5)),
+                    ("state.reason", Value::Signed(reason)),
+                ],
+            )
+            .off_reason
+        };
+        assert_eq!(off(1), Some(OffReason::Shutdown));
+        assert_eq!(off(2), Some(OffReason::Destroyed));
+        assert_eq!(off(3), Some(OffReason::Crashed));
+        assert_eq!(off(6), Some(OffReason::Failed));
+        assert_eq!(off(99), Some(OffReason::Unknown));
+        let running = fold(Uuid::nil(), [("state.state", Value::Signed(1))]);
+        assert_eq!(running.off_reason, None);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Scrape<'a> {
     pub names: &'a HashMap<Uuid, String>,
     pub tasks_by_state: &'a [(String, u64)],
     pub webhooks_by_state: &'a [(&'static str, u64)],
+    /// What the keeper did: VMs started by the agent, by why they were down.
+    pub keeper: crate::vm::KeeperCounts,
     pub requests: &'a [((String, String, u16), u64)],
     pub sweep: SweepFigures,
     pub libvirt_up: bool,
@@ -243,6 +245,34 @@ pub fn render(s: &Scrape) -> String {
         o.sample("hvnode_webhooks", &[("state", state)], *n as f64);
     }
     o.family(
+        "hvnode_vm_restarts_total",
+        "counter",
+        "VMs the agent started by itself: host_reboot (found off at the agent's start), qemu_ended (QEMU crashed or was killed).",
+    );
+    let k = s.keeper;
+    for (why, n) in [
+        ("host_reboot", k.autostarts),
+        ("qemu_ended", k.autorestarts),
+    ] {
+        o.sample("hvnode_vm_restarts_total", &[("reason", why)], n as f64);
+    }
+    o.family(
+        "hvnode_vm_restarts_given_up_total",
+        "counter",
+        "VMs left stopped after autorestart.max_restarts restarts within autorestart.window_s.",
+    );
+    o.sample("hvnode_vm_restarts_given_up_total", &[], k.gave_up as f64);
+    o.family(
+        "hvnode_vm_guest_poweroffs_total",
+        "counter",
+        "Guests that powered themselves off (they stay off).",
+    );
+    o.sample(
+        "hvnode_vm_guest_poweroffs_total",
+        &[],
+        k.guest_poweroffs as f64,
+    );
+    o.family(
         "hvnode_api_requests_total",
         "counter",
         "API requests by route, method and status.",
@@ -336,6 +366,12 @@ mod tests {
             names: &names,
             tasks_by_state: &[("completed".into(), 3)],
             webhooks_by_state: &[("pending", 1), ("delivered", 2), ("abandoned", 0)],
+            keeper: crate::vm::KeeperCounts {
+                autostarts: 2,
+                autorestarts: 1,
+                gave_up: 0,
+                guest_poweroffs: 0,
+            },
             requests: &[(("/v1/vms".into(), "GET".into(), 200), 7)],
             sweep: SweepFigures::default(),
             libvirt_up: true,

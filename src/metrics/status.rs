@@ -5,6 +5,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::sampler::Sample;
+use crate::store::power::StopReason;
 use crate::store::VmRow;
 use crate::vm::VmStatus;
 
@@ -23,6 +24,10 @@ pub struct StatusDoc {
     /// QEMU's process id; null when no QEMU runs the VM.
     #[schema(required = true)]
     pub pid: Option<u32>,
+    /// Why the VM last stopped (a stop through the API, the guest's own poweroff, QEMU
+    /// ended, a host reboot, restarts given up); null if it never did.
+    #[schema(required = true)]
+    pub last_stop_reason: Option<StopReason>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
@@ -81,7 +86,12 @@ fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
 
-pub fn document(vm: &VmRow, status: VmStatus, sample: Option<&Sample>) -> StatusDoc {
+pub fn document(
+    vm: &VmRow,
+    status: VmStatus,
+    sample: Option<&Sample>,
+    last_stop_reason: Option<StopReason>,
+) -> StatusDoc {
     let Some(sample) = sample else {
         return StatusDoc {
             vps_id: vm.id,
@@ -110,6 +120,7 @@ pub fn document(vm: &VmRow, status: VmStatus, sample: Option<&Sample>) -> Status
             },
             uptime_seconds: 0,
             pid: None,
+            last_stop_reason,
         };
     };
     let s = &sample.stats;
@@ -139,5 +150,6 @@ pub fn document(vm: &VmRow, status: VmStatus, sample: Option<&Sample>) -> Status
         },
         uptime_seconds: sample.uptime_seconds(),
         pid: sample.pid,
+        last_stop_reason,
     }
 }

@@ -9,6 +9,7 @@
 //! migrated forward at open.
 
 pub mod networks;
+pub mod power;
 mod schema;
 pub mod snapshots;
 pub mod tasks;

@@ -125,6 +125,16 @@ const MIGRATIONS: &[&str] = &[
     // node's storage with its disk).
     "ALTER TABLE ip_allocations ADD COLUMN releasing INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE vms ADD COLUMN snapshot_bytes INTEGER NOT NULL DEFAULT 0;",
+    // 7: the power state the control plane last asked for, whether the VM comes back by
+    // itself, and why it last stopped. VMs from before have no row: the agent takes their
+    // state from libvirt at its next start (never starting one that was off).
+    "CREATE TABLE power (
+        vps_id TEXT PRIMARY KEY,
+        intended TEXT NOT NULL,
+        autostart INTEGER NOT NULL DEFAULT 1,
+        last_stop_reason TEXT,
+        updated_at TEXT NOT NULL
+    );",
 ];
 
 /// Applies the migrations not yet applied; returns how many had been applied before (0: the

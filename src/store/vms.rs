@@ -266,6 +266,7 @@ pub fn delete(conn: &Connection, id: Uuid) -> Result<()> {
     )?;
     super::snapshots::delete_all(conn, id)?;
     super::networks::delete_members_of_vm(conn, id)?;
+    super::power::delete(conn, id)?;
     Ok(())
 }
 

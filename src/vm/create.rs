@@ -182,6 +182,7 @@ async fn admit(
                 deployed_at: None,
             };
             store::vms::insert(&tx, &vm)?;
+            store::power::insert(&tx, vm.id, spec.autostart, &now)?;
             store::vms::insert_ip(&tx, ip, vm.id, IpKind::Primary.as_str(), &now)?;
             if let Some(ip6) = ip6 {
                 store::vms::insert_ip(&tx, ip6, vm.id, IpKind::Primary.as_str(), &now)?;

@@ -89,6 +89,15 @@ pub(crate) async fn start_domain(ctx: &Ctx, vm: &VmRow, op: Op) -> Result<(), Vm
     net::plug(ctx, vm, op).await
 }
 
+/// Starts the domain paused, before its first instruction, and plugs its network.
+pub(crate) async fn start_domain_paused(ctx: &Ctx, vm: &VmRow, op: Op) -> Result<(), VmError> {
+    ctx.hv
+        .start_paused(vm.id)
+        .await
+        .map_err(|e| VmError::hypervisor(op, e))?;
+    net::plug(ctx, vm, op).await
+}
+
 /// Renders and writes the VM's cloud-init seed.
 pub(crate) async fn write_seed(ctx: &Ctx, vm: &VmRow) -> Result<(), VmError> {
     let net = net::load(ctx, vm).await?;

@@ -47,6 +47,10 @@ task_kinds! {
     IpMove = "ip_move",
     NetAttach = "net_attach",
     NetDetach = "net_detach",
+    /// The agent starting a VM that should run, found off at the agent's start.
+    Autostart = "autostart",
+    /// The agent starting a VM again after its QEMU ended without being asked.
+    Autorestart = "autorestart",
 }
 
 impl TaskKind {
@@ -69,6 +73,7 @@ impl TaskKind {
             TaskKind::IpMove => "move an address",
             TaskKind::NetAttach => "join a private network",
             TaskKind::NetDetach => "leave a private network",
+            TaskKind::Autostart | TaskKind::Autorestart => "start",
             power => power.as_str(),
         }
     }

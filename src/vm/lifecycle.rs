@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::domain::{shutdown, start_domain, StopOptions};
+use super::domain::{shutdown, start_domain, start_domain_paused, StopOptions};
 use super::model::{ActionResult, VmStatus};
 use super::state::{Action, Decision};
-use super::{Ctx, Op, VmError, VmManager};
+use super::{Ctx, Op, TaskKind, VmError, VmManager};
 use crate::hypervisor::{HypervisorError, PowerState};
-use crate::store::VmRowState;
+use crate::store::power::{Intended, StopReason};
+use crate::store::{self, VmRowState};
 use crate::tasks::{BoxFuture, Operation, StepCtx};
 
 const MAX_STOP_TIMEOUT_S: u64 = 3600;
@@ -34,7 +35,16 @@ impl VmManager {
         }
         let claim = ctx.claim(id, action.into())?;
         let status = self.status_of(&vm).await;
-        if super::admit(action.into(), status)? == Decision::AlreadyThere {
+        let decision = super::admit(action.into(), status)?;
+        // What was asked is recorded first (durably, under the claim): the VM comes back
+        // to it after a host reboot, and a stop is never mistaken for a crash.
+        let (intended, reason) = intent(action);
+        let reason = reason.filter(|_| decision != Decision::AlreadyThere);
+        let now = crate::time::now();
+        ctx.store
+            .call(move |c| store::power::set_intended(c, id, intended, reason, &now))
+            .await?;
+        if decision == Decision::AlreadyThere {
             return Ok(result(&vm, status));
         }
         let stop = StopOptions {
@@ -50,11 +60,52 @@ impl VmManager {
             id,
             action,
             stop,
+            paused: false,
         };
         ctx.engine.run(claim, action.as_str(), op).await?;
         let vm = ctx.vm(id).await?;
         let status = self.status_of(&vm).await;
         Ok(result(&vm, status))
+    }
+}
+
+impl VmManager {
+    /// The agent's own start of a VM that should run and does not (`kind`: `Autostart` at
+    /// the agent's start, `Autorestart` after its QEMU died), as a task like any other:
+    /// it shows in `/v1/tasks`, and nothing else runs on the VM meanwhile. A VM meant to be
+    /// paused comes back paused, before its first instruction (a resume boots it).
+    /// `Ok(false)`: nothing to do (busy, no longer deployed, or already running).
+    pub(crate) async fn come_back(
+        &self,
+        id: Uuid,
+        kind: TaskKind,
+        paused: bool,
+        reason: StopReason,
+    ) -> Result<bool, VmError> {
+        let ctx = &self.ctx;
+        let vm = ctx.vm(id).await?;
+        if vm.state != VmRowState::Active {
+            return Ok(false);
+        }
+        let Ok(claim) = ctx.claim(id, kind) else {
+            return Ok(false);
+        };
+        let status = self.status_of(&vm).await;
+        if super::admit(kind, status)? == Decision::AlreadyThere {
+            return Ok(false);
+        }
+        let input = serde_json::json!({ "paused": paused, "reason": reason.as_str() });
+        ctx.record_task(&claim, kind, &["start_vm"], input).await?;
+        tracing::info!(vps = %id, %kind, paused, reason = reason.as_str(), "starting a VM that should run");
+        let op = PowerOp {
+            ctx: self.ctx.clone(),
+            id,
+            action: Action::Start,
+            stop: StopOptions::default(),
+            paused,
+        };
+        ctx.engine.run(claim, kind.as_str(), op).await?;
+        Ok(true)
     }
 }
 
@@ -64,6 +115,17 @@ fn result(vm: &crate::store::VmRow, status: VmStatus) -> ActionResult {
         name: vm.hostname.clone(),
         status,
         ip_address: vm.ip_address,
+    }
+}
+
+/// The state each action asks for, and the stop reason it records.
+fn intent(action: Action) -> (Intended, Option<StopReason>) {
+    match action {
+        Action::Start | Action::Restart | Action::Reset | Action::Resume => {
+            (Intended::Running, None)
+        }
+        Action::Stop => (Intended::Stopped, Some(StopReason::Requested)),
+        Action::Suspend => (Intended::Paused, None),
     }
 }
 
@@ -83,6 +145,8 @@ struct PowerOp {
     id: Uuid,
     action: Action,
     stop: StopOptions,
+    /// Start paused (a VM meant to be paused, coming back).
+    paused: bool,
 }
 
 impl PowerOp {
@@ -137,6 +201,11 @@ impl Operation for PowerOp {
         Box::pin(async move {
             let hv = &self.ctx.hv;
             match step {
+                "start_vm" if self.paused => {
+                    let vm = self.ctx.vm(self.id).await?;
+                    start_domain_paused(&self.ctx, &vm, Op::Action(self.action)).await?;
+                    self.expect(PowerState::Paused).await
+                }
                 "start_vm" => {
                     let vm = self.ctx.vm(self.id).await?;
                     start_domain(&self.ctx, &vm, Op::Action(self.action)).await?;

@@ -26,6 +26,7 @@ mod domain;
 pub mod domain_xml;
 mod error;
 pub mod ips;
+mod keeper;
 mod kind;
 mod lifecycle;
 pub mod model;
@@ -68,6 +69,7 @@ fn admit(kind: TaskKind, status: model::VmStatus) -> Result<state::Decision, VmE
     })
 }
 pub use domain::StopOptions;
+pub use keeper::KeeperCounts;
 pub use model::VmStatus;
 pub use query::InstanceCounts;
 pub use recover::Reconciliation;
@@ -94,6 +96,8 @@ pub(crate) struct Ctx {
     pub filter_lock: tokio::sync::Mutex<()>,
     /// What the last startup found when comparing the store with libvirt.
     pub reconciliation: std::sync::Mutex<Option<Reconciliation>>,
+    /// What the keeper (VMs coming back by themselves) has seen and done.
+    pub keeper: keeper::KeeperState,
 }
 
 /// The entry point for every VM operation.
@@ -132,6 +136,7 @@ impl VmManager {
                 network_admin: tokio::sync::Mutex::new(()),
                 filter_lock: tokio::sync::Mutex::new(()),
                 reconciliation: std::sync::Mutex::new(None),
+                keeper: keeper::KeeperState::default(),
             }),
         }
     }

@@ -67,6 +67,9 @@ pub struct CreateVmRequest {
     /// Key of the `X-Webhook-Signature` HMAC; at most 1024 bytes.
     #[schema(value_type = Option<String>, format = Password, write_only)]
     pub webhook_secret: Option<Secret>,
+    /// Whether the VM comes back by itself after a host reboot (default `true`). Either way
+    /// a VM whose QEMU dies is restarted (see `autorestart`).
+    pub autostart: Option<bool>,
 }
 
 /// `POST /v1/vms/{id}/reinstall`.
@@ -86,7 +89,7 @@ pub struct ReinstallRequest {
 
 /// `POST /v1/vms/{id}/resize`.
 ///
-/// At least one of `cpu_cores`, `ram_mb` and `disk_gb`. Shrinking the disk re-clones it
+/// At least one of `cpu_cores`, `ram_mb`, `disk_gb` and `autostart`. Shrinking the disk re-clones it
 /// from the template and needs `confirm_data_loss: true` and `erase_confirmation: "ERASE"`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct ResizeRequest {
@@ -104,6 +107,9 @@ pub struct ResizeRequest {
     pub erase_confirmation: Option<String>,
     /// Restart a running VM now so new CPU and RAM apply at once (default: next boot).
     pub restart: Option<bool>,
+    /// Whether the VM comes back by itself after a host reboot (absent: unchanged). May
+    /// come alone.
+    pub autostart: Option<bool>,
 }
 
 /// The answer to an action that runs as a background task.
@@ -173,6 +179,7 @@ pub struct VmSpec {
     pub ip_address: Option<IpAddr>,
     pub webhook_url: Option<String>,
     pub webhook_secret: Option<Secret>,
+    pub autostart: bool,
 }
 
 impl VmSpec {
@@ -180,7 +187,7 @@ impl VmSpec {
     /// tell a repeated create from a conflicting one.
     pub fn digest(&self, resolved_ip: Option<IpAddr>) -> String {
         use sha2::{Digest, Sha256};
-        let canonical = serde_json::json!({
+        let mut canonical = serde_json::json!({
             "hostname": self.hostname,
             "template_id": self.template_id,
             "cpu_cores": self.cpu_cores,
@@ -192,6 +199,10 @@ impl VmSpec {
             "webhook_url": self.webhook_url,
             "webhook_secret": self.webhook_secret.as_ref().map(|s| s.expose()),
         });
+        // Only when off: digests of VMs created before the field existed stay the same.
+        if !self.autostart {
+            canonical["autostart"] = serde_json::Value::Bool(false);
+        }
         hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
     }
 }
@@ -370,6 +381,15 @@ pub struct VmDetail {
     pub private_networks: Vec<VmPrivateNetwork>,
     pub vnc: VncView,
     pub mac: String,
+    /// The power state the control plane last asked for (a guest's own poweroff counts as
+    /// a stop); null for a VM the agent has not yet recorded one for.
+    #[schema(required = true)]
+    pub intended_state: Option<crate::store::power::Intended>,
+    /// Whether the VM comes back by itself after a host reboot.
+    pub autostart: bool,
+    /// Why the VM last stopped; null if it never did.
+    #[schema(required = true)]
+    pub last_stop_reason: Option<crate::store::power::StopReason>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

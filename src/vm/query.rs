@@ -89,6 +89,15 @@ impl VmManager {
     }
 
     /// The VM's record and status; `NotFound` when no record exists.
+    /// What the VM should be doing and why it last stopped (`None`: not recorded yet).
+    pub async fn power(&self, id: Uuid) -> Result<Option<store::power::Power>, VmError> {
+        Ok(self
+            .ctx
+            .store
+            .call(move |c| store::power::get(c, id))
+            .await?)
+    }
+
     pub async fn row_with_status(&self, id: Uuid) -> Result<(VmRow, VmStatus), VmError> {
         let vm = self.ctx.vm(id).await?;
         let status = self.status_of(&vm).await;
@@ -98,7 +107,7 @@ impl VmManager {
     pub async fn get(&self, id: Uuid) -> Result<VmDetail, VmError> {
         let vm = self.ctx.vm(id).await?;
         let status = self.status_of(&vm).await;
-        let (allocations, members, networks) = self
+        let (allocations, members, networks, power) = self
             .ctx
             .store
             .call(move |c| {
@@ -106,6 +115,7 @@ impl VmManager {
                     store::vms::ip_allocations(c)?,
                     store::networks::members_of_vm(c, id)?,
                     store::networks::networks(c)?,
+                    store::power::get(c, id)?,
                 ))
             })
             .await?;
@@ -148,6 +158,9 @@ impl VmManager {
             private_networks,
             vnc: VncView { enabled: true },
             mac: vm.mac.clone(),
+            intended_state: power.as_ref().map(|p| p.intended),
+            autostart: power.as_ref().is_none_or(|p| p.autostart),
+            last_stop_reason: power.and_then(|p| p.last_stop_reason),
         })
     }
 

@@ -23,6 +23,9 @@ pub struct Reconciliation {
     pub unknown_domains: Vec<Uuid>,
     /// Deployed VMs whose domain is gone from libvirt.
     pub missing_domains: Vec<Uuid>,
+    /// VMs found off that should run (a host reboot), started by `autostart` tasks,
+    /// `boot.parallel` at a time.
+    pub autostart: Vec<Uuid>,
     /// What the `reconcile` settings removed of the above.
     pub removed: Vec<Uuid>,
     /// What re-applying the network from the store did.
@@ -98,6 +101,8 @@ impl VmManager {
                 | TaskKind::Reset
                 | TaskKind::Suspend
                 | TaskKind::Resume => Resume::Interrupted,
+                // The keeper starts the VM again if it still should run.
+                TaskKind::Autostart | TaskKind::Autorestart => Resume::Interrupted,
             };
             match resume {
                 Resume::Run(launch) => {
@@ -149,6 +154,12 @@ impl VmManager {
                 tracing::error!(error = %e, "cannot reconcile the network");
                 report.network_error = Some(e.to_string());
             }
+        }
+        // With the network back, the VMs that should run and are off (a host reboot):
+        // started by the keeper, a few at a time, once the agent serves.
+        match self.boot_plan().await {
+            Ok(plan) => report.autostart = plan,
+            Err(e) => tracing::error!(error = %e, "cannot tell which VMs to start"),
         }
         *self
             .ctx

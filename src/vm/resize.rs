@@ -50,10 +50,18 @@ impl VmManager {
     pub async fn resize(&self, id: Uuid, req: ResizeRequest) -> Result<TaskAccepted, VmError> {
         let ctx = &self.ctx;
         let vm = ctx.vm(id).await?;
-        if req.cpu_cores.is_none() && req.ram_mb.is_none() && req.disk_gb.is_none() {
-            return Err(
-                ValidationError::MissingFields(vec!["cpu_cores", "ram_mb", "disk_gb"]).into(),
-            );
+        if req.cpu_cores.is_none()
+            && req.ram_mb.is_none()
+            && req.disk_gb.is_none()
+            && req.autostart.is_none()
+        {
+            return Err(ValidationError::MissingFields(vec![
+                "cpu_cores",
+                "ram_mb",
+                "disk_gb",
+                "autostart",
+            ])
+            .into());
         }
         let (cpu, ram, disk) =
             validate::resources(req.cpu_cores, req.ram_mb, req.disk_gb, &ctx.config.capacity)?;
@@ -97,6 +105,12 @@ impl VmManager {
             was_running,
         };
         self.admit_resize(&claim, &input).await?;
+        if let Some(autostart) = req.autostart {
+            let now = crate::time::now();
+            ctx.store
+                .call(move |c| store::power::set_autostart(c, id, autostart, &now))
+                .await?;
+        }
         tracing::info!(vps = %id, task = %claim.task(), ?old, ?new, erase, "resize");
         let note = (was_running && input.cpu_or_ram_changed() && !input.restart)
             .then(|| "cpu_cores and ram_mb apply at the next boot".to_owned());

@@ -133,7 +133,7 @@ pub fn admit(kind: TaskKind, status: VmStatus) -> Result<Decision, Refusal> {
         // A create admits itself (its VM must not exist yet); a delete takes a VM in any
         // state; a detach or an address removal only undoes what the VM was given.
         Create | Delete | NetDetach | IpRemove => Ok(Decision::Proceed),
-        Start => decide(Action::Start, status),
+        Start | Autostart | Autorestart => decide(Action::Start, status),
         Stop => decide(Action::Stop, status),
         Restart => decide(Action::Restart, status),
         Reset => decide(Action::Reset, status),
@@ -237,7 +237,10 @@ mod tests {
     ];
 
     fn action_of(kind: TaskKind) -> Option<Action> {
-        Action::parse(kind.as_str())
+        match kind {
+            TaskKind::Autostart | TaskKind::Autorestart => Some(Action::Start),
+            other => Action::parse(other.as_str()),
+        }
     }
 
     /// Every (kind, status) pair: the domain is finite, so the table is checked whole

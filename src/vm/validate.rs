@@ -146,6 +146,7 @@ pub fn create(req: CreateVmRequest, limits: &CapacityConfig) -> Result<VmSpec, V
         ip_address,
         webhook_url,
         webhook_secret: req.webhook_secret,
+        autostart: req.autostart.unwrap_or(true),
     })
 }
 

@@ -42,7 +42,7 @@ impl Drop for LibvirtdDown {
     }
 }
 
-fn stop_libvirtd() {
+pub(crate) fn stop_libvirtd() {
     let pid = libvirtd_pid().expect("libvirtd runs");
     sh(&format!("kill -TERM {pid}"));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -62,7 +62,7 @@ fn crash_libvirtd() {
     }
 }
 
-fn start_libvirtd(netns: &str) {
+pub(crate) fn start_libvirtd(netns: &str) {
     let (ok, out) = sh(&format!("ip netns exec {netns} libvirtd -d"));
     assert!(ok, "restart libvirtd: {out}");
     let deadline = Instant::now() + Duration::from_secs(60);
