@@ -113,11 +113,8 @@ impl VmManager {
     /// The deployed VMs, their intents (VMs from before intents were recorded get one from
     /// their domain's state now, never starting anything) and their domains' states.
     async fn keeper_view(&self) -> Result<Vec<(Uuid, Power, Option<DomainStats>)>, VmError> {
-        let (vms, powers) = self
-            .ctx
-            .store
-            .call(|c| Ok((store::vms::list(c)?, store::power::all(c)?)))
-            .await?;
+        // libvirt first, the store after: a stop records its intent before the domain goes
+        // down, so a domain seen off here is never paired with the intent from before it.
         let states: HashMap<Uuid, DomainStats> = self
             .ctx
             .hv
@@ -127,6 +124,11 @@ impl VmManager {
             .into_iter()
             .map(|s| (s.id, s))
             .collect();
+        let (vms, powers) = self
+            .ctx
+            .store
+            .call(|c| Ok((store::vms::list(c)?, store::power::all(c)?)))
+            .await?;
         let mut powers: HashMap<Uuid, Power> = powers.into_iter().map(|p| (p.vps_id, p)).collect();
         let mut out = Vec::new();
         for vm in vms.into_iter().filter(|v| v.state == VmRowState::Active) {

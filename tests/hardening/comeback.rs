@@ -2,10 +2,10 @@
 //! again within seconds; a guest that runs `poweroff` stays off; a simulated host reboot
 //! (agent stopped, every domain destroyed, the bridge and the agent's filter tables gone,
 //! libvirtd restarted, the host's network brought up again, agent started) brings back
-//! exactly the VMs that were running, filtered as before, while a stopped one and one with
-//! `autostart: false` stay off; and a QEMU killed again and again is left stopped after
-//! `autorestart.max_restarts`. Here (one test at a time) because it restarts libvirtd and
-//! removes the rig's bridge.
+//! exactly the VMs that were running, filtered as before, and a suspended one paused, while
+//! a stopped one and one with `autostart: false` (at create, and through resize) stay off;
+//! and a QEMU killed again and again is left stopped after `autorestart.max_restarts`. Here
+//! (one test at a time) because it restarts libvirtd and removes the rig's bridge.
 
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
@@ -184,24 +184,46 @@ async fn vpses_come_back_after_a_qemu_crash_and_a_host_reboot_and_stay_off_when_
         },
     );
     let rig = agent.rig.clone();
-    let (a, b, c) = (new_id(), new_id(), new_id());
+    let (a, b, c, d) = (new_id(), new_id(), new_id(), new_id());
     let mut body_c = create_body(&c, "cb-gamma", "C0me-back-c");
     body_c["autostart"] = json!(false);
     for body in [
         create_body(&a, "cb-alpha", "C0me-back-a"),
         create_body(&b, "cb-beta", "C0me-back-b"),
         body_c,
+        create_body(&d, "cb-delta", "C0me-back-d"),
     ] {
         let (s, r) = agent.create(body).await;
         assert_eq!(s, 202, "{r}");
     }
-    let ((da, _), (db, _), (dc, _)) = tokio::join!(
+    let ((da, _), (db, _), (dc, _), (dd, _)) = tokio::join!(
         agent.wait_deployment(&a, BOOT),
         agent.wait_deployment(&b, BOOT),
-        agent.wait_deployment(&c, BOOT)
+        agent.wait_deployment(&c, BOOT),
+        agent.wait_deployment(&d, BOOT)
     );
-    for d in [&da, &db, &dc] {
-        assert_eq!(d["deployment_status"], json!("completed"), "{d}");
+    for doc in [&da, &db, &dc, &dd] {
+        assert_eq!(doc["deployment_status"], json!("completed"), "{doc}");
+    }
+    // autostart through resize, alone: on, off again; a bad value changes nothing.
+    let (s, r) = agent
+        .post(&format!("/v1/vms/{c}/resize"), json!({"autostart": "yes"}))
+        .await;
+    assert_eq!(s, 400, "{r}");
+    assert_eq!(detail(&agent, &c).await["autostart"], json!(false));
+    for on in [true, false] {
+        let (s, r) = agent
+            .post(&format!("/v1/vms/{c}/resize"), json!({"autostart": on}))
+            .await;
+        assert_eq!(s, 202, "{r}");
+        let task = agent
+            .wait_task(
+                r["data"]["task_id"].as_str().unwrap(),
+                Duration::from_secs(120),
+            )
+            .await;
+        assert_eq!(task["state"], json!("completed"), "{task}");
+        assert_eq!(detail(&agent, &c).await["autostart"], json!(on));
     }
     let ip_a = detail(&agent, &a).await["ip_address"]
         .as_str()
@@ -280,19 +302,46 @@ async fn vpses_come_back_after_a_qemu_crash_and_a_host_reboot_and_stay_off_when_
         json!("requested")
     );
 
-    // --- Host reboot: A (running) comes back; B (stopped) and C (autostart off) do not.
+    // --- Host reboot: A (running) comes back, D (suspended) comes back paused; B (stopped)
+    // and C (autostart off) do not.
     assert_eq!(status(&agent, &c).await["status"], json!("running"));
+    let (s, r) = agent.post(&format!("/v1/vms/{d}/suspend"), json!({})).await;
+    assert_eq!(
+        (s, r["data"]["status"].clone()),
+        (200, json!("suspended")),
+        "{r}"
+    );
     let status_code = agent.terminate();
     assert!(
         status_code.success(),
         "the agent stopped cleanly: {status_code}"
     );
-    reboot_the_host(&agent, &[&a, &b, &c]);
+    reboot_the_host(&agent, &[&a, &b, &c, &d]);
     let rebooted = Instant::now();
     agent.start_again(Vec::new());
     let (_, node) = agent.get("/v1/node").await;
-    let planned = node["data"]["reconciliation"]["autostart"].clone();
-    assert_eq!(planned, json!([a]), "only A is to start: {node}");
+    let mut planned: Vec<String> = node["data"]["reconciliation"]["autostart"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{node}"))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    planned.sort();
+    let mut want = vec![a.clone(), d.clone()];
+    want.sort();
+    assert_eq!(planned, want, "A and D are to start: {node}");
+    assert!(
+        wait_status(&agent, &d, "suspended", Duration::from_secs(120)).await,
+        "D comes back paused\n{}",
+        agent.log_tail(30)
+    );
+    assert_eq!(status(&agent, &d).await["qmpstatus"], json!("paused"));
+    let (s, r) = agent.post(&format!("/v1/vms/{d}/resume"), json!({})).await;
+    assert_eq!(
+        (s, r["data"]["status"].clone()),
+        (200, json!("running")),
+        "{r}"
+    );
     assert!(
         wait_status(&agent, &a, "running", Duration::from_secs(120)).await,
         "A runs again after the reboot\n{}",
