@@ -405,7 +405,19 @@ fn seed(store: &Store) {
                     kind: "create",
                     vps_id: vm,
                     input: json!({}),
-                    steps: hvnode::vm::model::CREATE_STEPS,
+                    // The contract's ten deployment tasks, in order.
+                    steps: &[
+                        "validate_resources",
+                        "allocate_ip",
+                        "create_vm",
+                        "configure_hardware",
+                        "apply_cloud_init",
+                        "start_vm",
+                        "configure_network",
+                        "wait_for_guest_agent",
+                        "verify_connectivity",
+                        "finalize",
+                    ],
                     now,
                 },
             )?;

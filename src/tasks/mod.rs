@@ -36,7 +36,6 @@ pub mod webhooks;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,8 +44,6 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::store::{self, StepState, Store, TaskRow, TaskState};
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// An error a step can fail with: it carries the contract's error code for the task record.
 pub trait TaskFailure: std::error::Error + Send + Sync + 'static {
@@ -72,20 +69,54 @@ pub struct StepCtx {
     pub cancel: CancellationToken,
 }
 
+/// One step of an operation. Its name is what the journal stores (and fault points and
+/// logs say), so a name once written is never changed.
+pub trait Step: Copy + std::fmt::Debug + Send + Sync + 'static {
+    fn name(self) -> &'static str;
+}
+
+/// Declares an operation's steps: an enum, its names in the journal, and `ALL` in order.
+#[macro_export]
+macro_rules! steps {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[allow(clippy::enum_variant_names)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant,)*
+        }
+
+        impl $name {
+            #[allow(dead_code)]
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+        }
+
+        impl $crate::tasks::Step for $name {
+            fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
+        }
+    };
+}
+
 /// A long action as a sequence of named, idempotent steps, each with an undo.
+///
+/// `run_step` and `undo_step` match on `Self::Step` exhaustively: a new step does not
+/// compile until it says how it runs and how it is undone.
 pub trait Operation: Send + Sync + 'static {
     type Error: TaskFailure;
+    type Step: Step;
 
-    fn steps(&self) -> &'static [&'static str];
-    fn run_step<'a>(
-        &'a self,
-        step: &'static str,
-        ctx: &'a StepCtx,
-    ) -> BoxFuture<'a, Result<(), Self::Error>>;
+    fn steps(&self) -> &'static [Self::Step];
+    fn run_step(
+        &self,
+        step: Self::Step,
+        ctx: &StepCtx,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Undoes `step`, which may have completed or failed halfway. Must be idempotent.
-    fn undo_step<'a>(&'a self, _step: &'static str) -> BoxFuture<'a, Result<(), Self::Error>> {
-        Box::pin(async { Ok(()) })
-    }
+    fn undo_step(&self, step: Self::Step) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Whether a failure unwinds the completed steps.
     fn rolls_back(&self) -> bool {
         true
@@ -98,9 +129,14 @@ pub trait Operation: Send + Sync + 'static {
     }
     /// Runs after the last step or the unwinding, with the outcome, before the task's final
     /// state is committed. Must be idempotent.
-    fn finish<'a>(&'a self, _outcome: Result<(), &'a Self::Error>) -> BoxFuture<'a, ()> {
-        Box::pin(async {})
+    fn finish(&self, _outcome: Result<(), &Self::Error>) -> impl Future<Output = ()> + Send {
+        async {}
     }
+}
+
+/// The journal names of `steps`, in order.
+pub fn step_names<S: Step>(steps: &[S]) -> Vec<&'static str> {
+    steps.iter().map(|s| s.name()).collect()
 }
 
 #[derive(Debug, Clone)]
@@ -308,7 +344,8 @@ impl TaskEngine {
             .task_state(TaskState::Running, None)
             .await
             .map_err(O::Error::from_engine)?;
-        for (i, step) in steps.iter().enumerate() {
+        for (i, &step) in steps.iter().enumerate() {
+            let name = step.name();
             let completed = recorded
                 .as_ref()
                 .and_then(|t| t.steps.get(i))
@@ -319,7 +356,7 @@ impl TaskEngine {
             let result = if ctx.cancel.is_cancelled() {
                 Err(O::Error::cancelled())
             } else {
-                self.faults.hit(kind, step, faults::Moment::Before);
+                self.faults.hit(kind, name, faults::Moment::Before);
                 journal
                     .step(i, StepState::Running, None)
                     .await
@@ -332,14 +369,14 @@ impl TaskEngine {
                         .step(i, StepState::Completed, None)
                         .await
                         .map_err(O::Error::from_engine)?;
-                    self.faults.hit(kind, step, faults::Moment::After);
+                    self.faults.hit(kind, name, faults::Moment::After);
                 }
                 Err(err) => {
                     let message = err.public_message();
                     if err.is_cancelled() {
-                        tracing::info!(task = %journal.task, kind, step, "task cancelled");
+                        tracing::info!(task = %journal.task, kind, step = name, "task cancelled");
                     } else {
-                        tracing::warn!(task = %journal.task, kind, step, error = %err,
+                        tracing::warn!(task = %journal.task, kind, step = name, error = %err,
                             "task step failed");
                     }
                     // The error is committed before anything is undone, so a crash during
@@ -363,12 +400,13 @@ impl TaskEngine {
         journal: &Journal<'_>,
         kind: &str,
         op: &O,
-        steps: &'static [&'static str],
+        steps: &'static [O::Step],
         failed: usize,
     ) {
         for i in (0..=failed.min(steps.len().saturating_sub(1))).rev() {
             let step = steps[i];
-            self.faults.hit(kind, step, faults::Moment::Undo);
+            let name = step.name();
+            self.faults.hit(kind, name, faults::Moment::Undo);
             match op.undo_step(step).await {
                 Ok(()) => {
                     if i != failed {
@@ -376,7 +414,7 @@ impl TaskEngine {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(task = %journal.task, step, error = %e, "undo failed");
+                    tracing::error!(task = %journal.task, step = name, error = %e, "undo failed");
                     log_store(
                         journal
                             .step(i, StepState::Failed, Some(&format!("undo failed: {e}")))

@@ -27,6 +27,14 @@ impl TaskFailure for TestError {
     }
 }
 
+crate::steps! {
+    enum TestStep {
+        One = "one",
+        Two = "two",
+        Three = "three",
+    }
+}
+
 /// Records every call; fails the step named in `fail_at`.
 struct Recorder {
     log: Arc<StdMutex<Vec<String>>>,
@@ -45,34 +53,29 @@ fn recorder(log: &Arc<StdMutex<Vec<String>>>, fail_at: Option<&'static str>) -> 
 
 impl Operation for Recorder {
     type Error = TestError;
+    type Step = TestStep;
 
-    fn steps(&self) -> &'static [&'static str] {
-        &["one", "two", "three"]
+    fn steps(&self) -> &'static [TestStep] {
+        TestStep::ALL
     }
 
-    fn run_step<'a>(
-        &'a self,
-        step: &'static str,
-        ctx: &'a StepCtx,
-    ) -> BoxFuture<'a, Result<(), TestError>> {
-        Box::pin(async move {
-            self.log.lock().unwrap().push(format!("run {step}"));
-            if self.fail_at == Some(step) {
-                return Err(TestError(format!("{step} broke")));
-            }
-            if self.block_at == Some(step) {
-                ctx.cancel.cancelled().await;
-                return Err(TestError::cancelled());
-            }
-            Ok(())
-        })
+    async fn run_step(&self, step: TestStep, ctx: &StepCtx) -> Result<(), TestError> {
+        let step = step.name();
+        self.log.lock().unwrap().push(format!("run {step}"));
+        if self.fail_at == Some(step) {
+            return Err(TestError(format!("{step} broke")));
+        }
+        if self.block_at == Some(step) {
+            ctx.cancel.cancelled().await;
+            return Err(TestError::cancelled());
+        }
+        Ok(())
     }
 
-    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), TestError>> {
-        Box::pin(async move {
-            self.log.lock().unwrap().push(format!("undo {step}"));
-            Ok(())
-        })
+    async fn undo_step(&self, step: TestStep) -> Result<(), TestError> {
+        let step = step.name();
+        self.log.lock().unwrap().push(format!("undo {step}"));
+        Ok(())
     }
 }
 

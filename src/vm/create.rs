@@ -7,14 +7,14 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::domain::{define, ensure_off, remove_domain, write_seed};
-use super::model::{CreateAccepted, CreateVmRequest, IpKind, VmSpec, VmStatus, CREATE_STEPS};
+use super::model::{CreateAccepted, CreateVmRequest, IpKind, VmSpec, VmStatus};
 use super::net;
-use super::{readiness, validate, Ctx, Op, TaskKind, VmError, VmManager};
+use super::{readiness, validate, Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::cloudinit;
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::network::{self, ipam::IpamError};
 use crate::store::{self, NewTask, VmRow, VmRowState};
-use crate::tasks::{webhooks, BoxFuture, Operation, StepCtx};
+use crate::tasks::{webhooks, Operation, StepCtx};
 
 /// Time a create takes under normal conditions, for the client's progress display.
 const ESTIMATED_SECONDS_KVM: u64 = 60;
@@ -194,7 +194,7 @@ async fn admit(
                     kind: TaskKind::Create.as_str(),
                     vps_id: vm.id,
                     input: serde_json::json!({}),
-                    steps: CREATE_STEPS,
+                    steps: &crate::tasks::step_names(CreateStep::ALL),
                     now: &now,
                 },
             )?;
@@ -212,6 +212,19 @@ pub(crate) struct CreateOp {
 }
 
 impl CreateOp {
+    /// The task found unfinished at startup: the create runs on from the step it reached
+    /// (or unwinds), under the task's claim.
+    pub(crate) fn resume(ctx: &Arc<Ctx>, task: &store::TaskRow) -> Resume {
+        Resume::run(
+            ctx,
+            TaskKind::Create,
+            CreateOp {
+                ctx: ctx.clone(),
+                id: task.vps_id,
+            },
+        )
+    }
+
     /// A failure of the host's machinery (its detail stays in the log).
     fn host(&self, detail: String) -> VmError {
         VmError::Host {
@@ -402,124 +415,126 @@ fn deployment_webhook(
     })
 }
 
+crate::steps! {
+    /// The create task's steps in order, by the names the journal stores and the deployment document lists.
+    pub(crate) enum CreateStep {
+        ValidateResources = "validate_resources",
+        AllocateIp = "allocate_ip",
+        CreateVm = "create_vm",
+        ConfigureHardware = "configure_hardware",
+        ApplyCloudInit = "apply_cloud_init",
+        StartVm = "start_vm",
+        ConfigureNetwork = "configure_network",
+        WaitForGuestAgent = "wait_for_guest_agent",
+        VerifyConnectivity = "verify_connectivity",
+        Finalize = "finalize",
+    }
+}
+
 impl Operation for CreateOp {
     type Error = VmError;
+    type Step = CreateStep;
 
-    fn steps(&self) -> &'static [&'static str] {
-        CREATE_STEPS
+    fn steps(&self) -> &'static [Self::Step] {
+        CreateStep::ALL
     }
 
-    fn run_step<'a>(
-        &'a self,
-        step: &'static str,
-        ctx: &'a StepCtx,
-    ) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move {
-            let vm = self.ctx.vm(self.id).await?;
-            match step {
-                "validate_resources" => self.validate_resources(&vm).await,
-                "allocate_ip" => self.allocate_ip(&vm).await,
-                "create_vm" => self.create_vm(&vm).await,
-                "configure_hardware" => self.configure_hardware(&vm).await,
-                "apply_cloud_init" => self.apply_cloud_init(&vm).await,
-                "start_vm" => self.start_vm(&vm).await,
-                "configure_network" => self.configure_network(&vm).await,
-                "wait_for_guest_agent" => {
-                    readiness::wait_for_guest_agent(
-                        &self.ctx,
-                        vm.id,
-                        &vm.template_id,
-                        ctx,
-                        Op::Deploy,
-                    )
+    async fn run_step(&self, step: CreateStep, ctx: &StepCtx) -> Result<(), VmError> {
+        let vm = self.ctx.vm(self.id).await?;
+        match step {
+            CreateStep::ValidateResources => self.validate_resources(&vm).await,
+            CreateStep::AllocateIp => self.allocate_ip(&vm).await,
+            CreateStep::CreateVm => self.create_vm(&vm).await,
+            CreateStep::ConfigureHardware => self.configure_hardware(&vm).await,
+            CreateStep::ApplyCloudInit => self.apply_cloud_init(&vm).await,
+            CreateStep::StartVm => self.start_vm(&vm).await,
+            CreateStep::ConfigureNetwork => self.configure_network(&vm).await,
+            CreateStep::WaitForGuestAgent => {
+                readiness::wait_for_guest_agent(&self.ctx, vm.id, &vm.template_id, ctx, Op::Deploy)
                     .await
-                }
-                "verify_connectivity" => {
-                    readiness::verify_connectivity(&self.ctx, vm.ip_address, ctx, Op::Deploy).await
-                }
-                "finalize" => self.finalize(&vm).await,
-                other => Err(VmError::Internal(format!("unknown create step {other}"))),
             }
-        })
+            CreateStep::VerifyConnectivity => {
+                readiness::verify_connectivity(&self.ctx, vm.ip_address, ctx, Op::Deploy).await
+            }
+            CreateStep::Finalize => self.finalize(&vm).await,
+        }
     }
 
-    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move {
-            let ctx = &self.ctx;
-            let id = self.id;
-            match step {
-                "allocate_ip" => {
-                    ctx.store
-                        .call(move |c| store::vms::release_ips(c, id))
-                        .await?;
+    async fn undo_step(&self, step: CreateStep) -> Result<(), VmError> {
+        let ctx = &self.ctx;
+        let id = self.id;
+        match step {
+            CreateStep::AllocateIp => {
+                ctx.store
+                    .call(move |c| store::vms::release_ips(c, id))
+                    .await?;
+            }
+            CreateStep::CreateVm => ctx
+                .disks
+                .remove_all(id)
+                .await
+                .map_err(|e| VmError::storage(Op::Deploy, e))?,
+            CreateStep::ConfigureHardware => {
+                remove_domain(ctx, id, Op::Deploy).await?;
+                net::refresh_filters(ctx, &[id], Op::Deploy).await?;
+            }
+            CreateStep::ConfigureNetwork => {
+                let vm = ctx.vm(id).await?;
+                let nics = net::load(ctx, &vm).await?;
+                for nic in nics.all() {
+                    let _ = ctx.net.remove_nic(&nic).await;
                 }
-                "create_vm" => ctx
-                    .disks
-                    .remove_all(id)
+            }
+            CreateStep::ApplyCloudInit => {
+                crate::storage::remove_file_if_exists(&ctx.disks.seed_path(id))
                     .await
-                    .map_err(|e| VmError::storage(Op::Deploy, e))?,
-                "configure_hardware" => {
-                    remove_domain(ctx, id, Op::Deploy).await?;
-                    net::refresh_filters(ctx, &[id], Op::Deploy).await?;
-                }
-                "configure_network" => {
-                    let vm = ctx.vm(id).await?;
-                    let nics = net::load(ctx, &vm).await?;
-                    for nic in nics.all() {
-                        let _ = ctx.net.remove_nic(&nic).await;
-                    }
-                }
-                "apply_cloud_init" => {
-                    crate::storage::remove_file_if_exists(&ctx.disks.seed_path(id))
-                        .await
-                        .map_err(|e| VmError::storage(Op::Deploy, e))?
-                }
-                "start_vm" => ensure_off(ctx, id, Op::Deploy).await?,
-                "finalize" => {
-                    let now = crate::time::now();
-                    ctx.store
-                        .call(move |c| store::vms::set_state(c, id, VmRowState::Deploying, &now))
-                        .await?;
-                }
-                _ => {}
+                    .map_err(|e| VmError::storage(Op::Deploy, e))?
             }
-            Ok(())
-        })
+            CreateStep::StartVm => ensure_off(ctx, id, Op::Deploy).await?,
+            CreateStep::Finalize => {
+                let now = crate::time::now();
+                ctx.store
+                    .call(move |c| store::vms::set_state(c, id, VmRowState::Deploying, &now))
+                    .await?;
+            }
+            // Checks and waits: nothing to take back.
+            CreateStep::ValidateResources
+            | CreateStep::WaitForGuestAgent
+            | CreateStep::VerifyConnectivity => {}
+        }
+        Ok(())
     }
 
-    fn finish<'a>(&'a self, outcome: Result<(), &'a VmError>) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            let Err(e) = outcome else { return };
-            let (id, now) = (self.id, crate::time::now());
-            let vm = match self.ctx.vm(id).await {
-                Ok(vm) => vm,
-                Err(_) => return,
-            };
-            let message = e.public_message();
-            let hook =
-                deployment_webhook(&vm, webhooks::DEPLOYMENT_FAILED, "failed", Some(&message));
-            let marked = self
-                .ctx
-                .store
-                .call(move |c| {
-                    let tx = c.transaction()?;
-                    store::vms::set_state(&tx, id, VmRowState::Failed, &now)?;
-                    // The addresses were taken at admission, before any step could undo
-                    // them: a failed VM holds none (its record keeps the primary for the
-                    // deployment document only).
-                    store::vms::release_ips(&tx, id)?;
-                    if let Some(h) = &hook {
-                        webhooks::enqueue(&tx, &h.as_new())?;
-                    }
-                    tx.commit()?;
-                    Ok(())
-                })
-                .await;
-            if let Err(se) = marked {
-                tracing::error!(vps = %id, error = %se, "cannot mark VPS failed");
-            }
-            self.ctx.outbox.wake();
-            tracing::warn!(vps = %id, error = %e, "deployment failed and was unwound");
-        })
+    async fn finish(&self, outcome: Result<(), &VmError>) {
+        let Err(e) = outcome else { return };
+        let (id, now) = (self.id, crate::time::now());
+        let vm = match self.ctx.vm(id).await {
+            Ok(vm) => vm,
+            Err(_) => return,
+        };
+        let message = e.public_message();
+        let hook = deployment_webhook(&vm, webhooks::DEPLOYMENT_FAILED, "failed", Some(&message));
+        let marked = self
+            .ctx
+            .store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                store::vms::set_state(&tx, id, VmRowState::Failed, &now)?;
+                // The addresses were taken at admission, before any step could undo
+                // them: a failed VM holds none (its record keeps the primary for the
+                // deployment document only).
+                store::vms::release_ips(&tx, id)?;
+                if let Some(h) = &hook {
+                    webhooks::enqueue(&tx, &h.as_new())?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await;
+        if let Err(se) = marked {
+            tracing::error!(vps = %id, error = %se, "cannot mark VPS failed");
+        }
+        self.ctx.outbox.wake();
+        tracing::warn!(vps = %id, error = %e, "deployment failed and was unwound");
     }
 }

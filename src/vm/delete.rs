@@ -9,19 +9,30 @@ use uuid::Uuid;
 
 use super::model::Deleted;
 use super::state::{on_busy, OnBusy};
-use super::{domain::remove_domain, net, Ctx, Op, TaskKind, VmError, VmManager};
+use super::{domain::remove_domain, net, Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::store;
-use crate::tasks::{BoxFuture, Operation, StepCtx};
+use crate::tasks::{Operation, StepCtx};
 
 /// How long a delete waits for a cancelled deployment to unwind.
 const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-pub(crate) const DELETE_STEPS: &[&str] = &[
-    "remove_domain",
-    "remove_network",
-    "remove_disks",
-    "release_ips",
-    "remove_record",
+crate::steps! {
+    /// The delete task's steps, by the names the journal stores.
+    pub(crate) enum DeleteStep {
+        RemoveDomain = "remove_domain",
+        RemoveNetwork = "remove_network",
+        RemoveDisks = "remove_disks",
+        ReleaseIps = "release_ips",
+        RemoveRecord = "remove_record",
+    }
+}
+
+pub(crate) const DELETE_STEPS: &[DeleteStep] = &[
+    DeleteStep::RemoveDomain,
+    DeleteStep::RemoveNetwork,
+    DeleteStep::RemoveDisks,
+    DeleteStep::ReleaseIps,
+    DeleteStep::RemoveRecord,
 ];
 
 impl VmManager {
@@ -73,10 +84,25 @@ pub(crate) struct DeleteOp {
     pub id: Uuid,
 }
 
+impl DeleteOp {
+    /// The task found unfinished at startup: every step is idempotent, so it runs again.
+    pub(crate) fn resume(ctx: &Arc<Ctx>, task: &store::TaskRow) -> Resume {
+        Resume::run(
+            ctx,
+            TaskKind::Delete,
+            DeleteOp {
+                ctx: ctx.clone(),
+                id: task.vps_id,
+            },
+        )
+    }
+}
+
 impl Operation for DeleteOp {
     type Error = VmError;
+    type Step = DeleteStep;
 
-    fn steps(&self) -> &'static [&'static str] {
+    fn steps(&self) -> &'static [Self::Step] {
         DELETE_STEPS
     }
 
@@ -84,42 +110,42 @@ impl Operation for DeleteOp {
         false
     }
 
+    /// A delete goes forward, never back: every step can be repeated until it is done.
+    async fn undo_step(&self, _step: DeleteStep) -> Result<(), VmError> {
+        Ok(())
+    }
+
     fn uses_slot(&self) -> bool {
         false
     }
 
-    fn run_step<'a>(
-        &'a self,
-        step: &'static str,
-        _ctx: &'a StepCtx,
-    ) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move {
-            let (ctx, id) = (&self.ctx, self.id);
-            match step {
-                "remove_domain" => remove_domain(ctx, id, Op::Delete).await,
-                "remove_network" => {
-                    if let Ok(vm) = ctx.vm(id).await {
-                        for nic in net::load(ctx, &vm).await?.all() {
-                            ctx.net.remove_nic(&nic).await.map_err(|e| VmError::Host {
-                                op: Op::Delete,
-                                detail: e.to_string(),
-                            })?;
-                        }
+    async fn run_step(&self, step: DeleteStep, _ctx: &StepCtx) -> Result<(), VmError> {
+        let (ctx, id) = (&self.ctx, self.id);
+        match step {
+            DeleteStep::RemoveDomain => remove_domain(ctx, id, Op::Delete).await,
+            DeleteStep::RemoveNetwork => {
+                if let Ok(vm) = ctx.vm(id).await {
+                    for nic in net::load(ctx, &vm).await?.all() {
+                        ctx.net.remove_nic(&nic).await.map_err(|e| VmError::Host {
+                            op: Op::Delete,
+                            detail: e.to_string(),
+                        })?;
                     }
-                    net::refresh_filters(ctx, &[id], Op::Delete).await
                 }
-                "remove_disks" => ctx
-                    .disks
-                    .remove_all(id)
-                    .await
-                    .map_err(|e| VmError::storage(Op::Delete, e)),
-                "release_ips" => Ok(ctx
-                    .store
-                    .call(move |c| store::vms::release_ips(c, id))
-                    .await?),
-                "remove_record" => Ok(ctx.store.call(move |c| store::vms::delete(c, id)).await?),
-                other => Err(VmError::Internal(format!("unknown delete step {other}"))),
+                net::refresh_filters(ctx, &[id], Op::Delete).await
             }
-        })
+            DeleteStep::RemoveDisks => ctx
+                .disks
+                .remove_all(id)
+                .await
+                .map_err(|e| VmError::storage(Op::Delete, e)),
+            DeleteStep::ReleaseIps => Ok(ctx
+                .store
+                .call(move |c| store::vms::release_ips(c, id))
+                .await?),
+            DeleteStep::RemoveRecord => {
+                Ok(ctx.store.call(move |c| store::vms::delete(c, id)).await?)
+            }
+        }
     }
 }

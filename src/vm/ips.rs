@@ -29,7 +29,7 @@ use super::validate::ValidationError;
 use super::{Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::network::ipam::{IpamError, Pool};
 use crate::store::{self, NewTask, VmRow};
-use crate::tasks::{BoxFuture, Claim, Operation, StepCtx};
+use crate::tasks::{Claim, Operation, StepCtx};
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct AddIpRequest {
@@ -97,22 +97,77 @@ pub struct IpMoved {
     pub to_vps_id: Uuid,
 }
 
-const ADD_STEPS: &[&str] = &["allocate_ip", "update_filter", "update_guest"];
-const REMOVE_STEPS: &[&str] = &[
-    "mark_releasing",
-    "update_filter",
-    "update_guest",
-    "forget_neighbour",
-    "release_ip",
+crate::steps! {
+    /// Adding an address: it is the VM's once allocated, then filtered, then in the guest.
+    pub(crate) enum AddStep {
+        AllocateIp = "allocate_ip",
+        UpdateFilter = "update_filter",
+        UpdateGuest = "update_guest",
+    }
+}
+
+crate::steps! {
+    /// Removing an address: held (never handed out) until the filter and the guest let go.
+    pub(crate) enum RemoveStep {
+        MarkReleasing = "mark_releasing",
+        UpdateFilter = "update_filter",
+        UpdateGuest = "update_guest",
+        ForgetNeighbour = "forget_neighbour",
+        ReleaseIp = "release_ip",
+    }
+}
+
+crate::steps! {
+    /// Moving an address: out of the source's filter and guest before the target gets it.
+    pub(crate) enum MoveStep {
+        MarkReleasing = "mark_releasing",
+        UpdateSourceFilter = "update_source_filter",
+        RemoveFromSource = "remove_from_source",
+        Reassign = "reassign",
+        UpdateTargetFilter = "update_target_filter",
+        ForgetNeighbour = "forget_neighbour",
+        AddToTarget = "add_to_target",
+    }
+}
+
+/// A step of one of the three address tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IpStep {
+    Add(AddStep),
+    Remove(RemoveStep),
+    Move(MoveStep),
+}
+
+impl crate::tasks::Step for IpStep {
+    fn name(self) -> &'static str {
+        match self {
+            IpStep::Add(s) => s.name(),
+            IpStep::Remove(s) => s.name(),
+            IpStep::Move(s) => s.name(),
+        }
+    }
+}
+
+const ADD_STEPS: &[IpStep] = &[
+    IpStep::Add(AddStep::AllocateIp),
+    IpStep::Add(AddStep::UpdateFilter),
+    IpStep::Add(AddStep::UpdateGuest),
 ];
-const MOVE_STEPS: &[&str] = &[
-    "mark_releasing",
-    "update_source_filter",
-    "remove_from_source",
-    "reassign",
-    "update_target_filter",
-    "forget_neighbour",
-    "add_to_target",
+const REMOVE_STEPS: &[IpStep] = &[
+    IpStep::Remove(RemoveStep::MarkReleasing),
+    IpStep::Remove(RemoveStep::UpdateFilter),
+    IpStep::Remove(RemoveStep::UpdateGuest),
+    IpStep::Remove(RemoveStep::ForgetNeighbour),
+    IpStep::Remove(RemoveStep::ReleaseIp),
+];
+const MOVE_STEPS: &[IpStep] = &[
+    IpStep::Move(MoveStep::MarkReleasing),
+    IpStep::Move(MoveStep::UpdateSourceFilter),
+    IpStep::Move(MoveStep::RemoveFromSource),
+    IpStep::Move(MoveStep::Reassign),
+    IpStep::Move(MoveStep::UpdateTargetFilter),
+    IpStep::Move(MoveStep::ForgetNeighbour),
+    IpStep::Move(MoveStep::AddToTarget),
 ];
 
 fn parse_address(s: &str) -> Result<IpAddr, VmError> {
@@ -210,7 +265,7 @@ impl VmManager {
                         kind: TaskKind::IpAdd.as_str(),
                         vps_id: id,
                         input: serde_json::json!({ "address": address }),
-                        steps: ADD_STEPS,
+                        steps: &crate::tasks::step_names(ADD_STEPS),
                         now: &now,
                     },
                 )?;
@@ -473,10 +528,11 @@ impl IpOp {
         net::update_filter(&self.ctx, &row, Op::Network).await
     }
 
-    async fn step(&self, step: &'static str) -> Result<(), VmError> {
+    async fn step(&self, step: IpStep) -> Result<(), VmError> {
+        use IpStep::{Add, Move, Remove};
         let (ctx, vm, address) = (&self.ctx, self.vm, self.address);
-        match (self.kind, step) {
-            (IpOpKind::Add, "allocate_ip") => {
+        match step {
+            Add(AddStep::AllocateIp) => {
                 let owner = ctx
                     .store
                     .call(move |c| store::vms::ip_owner(c, address))
@@ -486,37 +542,37 @@ impl IpOp {
                     _ => Err(VmError::Ip(IpamError::InUse(address))),
                 }
             }
-            (IpOpKind::Add, "update_filter")
-            | (IpOpKind::Remove, "update_filter")
-            | (IpOpKind::Move, "update_source_filter") => self.filter(vm).await,
-            (IpOpKind::Add, "update_guest") => {
+            Add(AddStep::UpdateFilter)
+            | Remove(RemoveStep::UpdateFilter)
+            | Move(MoveStep::UpdateSourceFilter) => self.filter(vm).await,
+            Add(AddStep::UpdateGuest) => {
                 self.seed(vm).await?;
                 let live = self.guest_add(vm).await?;
                 self.live.store(live, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
-            (IpOpKind::Remove | IpOpKind::Move, "mark_releasing") => Ok(ctx
+            Remove(RemoveStep::MarkReleasing) | Move(MoveStep::MarkReleasing) => Ok(ctx
                 .store
                 .call(move |c| store::networks::mark_releasing(c, address, vm))
                 .await?),
-            (IpOpKind::Remove, "update_guest") => {
+            Remove(RemoveStep::UpdateGuest) => {
                 self.seed(vm).await?;
                 self.guest_remove(vm).await
             }
-            (IpOpKind::Remove, "release_ip") => Ok(ctx
+            Remove(RemoveStep::ReleaseIp) => Ok(ctx
                 .store
                 .call(move |c| store::networks::delete_ip(c, address, vm))
                 .await?),
-            (IpOpKind::Remove | IpOpKind::Move, "forget_neighbour") => ctx
+            Remove(RemoveStep::ForgetNeighbour) | Move(MoveStep::ForgetNeighbour) => ctx
                 .net
                 .forget_neighbour(address)
                 .await
                 .map_err(|e| VmError::Internal(e.to_string())),
-            (IpOpKind::Move, "remove_from_source") => {
+            Move(MoveStep::RemoveFromSource) => {
                 self.seed(vm).await?;
                 self.guest_remove(vm).await
             }
-            (IpOpKind::Move, "reassign") => {
+            Move(MoveStep::Reassign) => {
                 let target = self.target.expect("a move has a target");
                 let moved = ctx
                     .store
@@ -532,42 +588,45 @@ impl IpOp {
                     Err(VmError::IpNotFound(address.to_string()))
                 }
             }
-            (IpOpKind::Move, "update_target_filter") => {
+            Move(MoveStep::UpdateTargetFilter) => {
                 self.filter(self.target.expect("a move has a target")).await
             }
-            (IpOpKind::Move, "add_to_target") => {
+            Move(MoveStep::AddToTarget) => {
                 let target = self.target.expect("a move has a target");
                 self.seed(target).await?;
                 let live = self.guest_add(target).await?;
                 self.live.store(live, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
-            (_, other) => Err(VmError::Internal(format!("unknown address step {other}"))),
         }
     }
 
-    async fn undo(&self, step: &'static str) -> Result<(), VmError> {
+    async fn undo(&self, step: IpStep) -> Result<(), VmError> {
         let (ctx, vm, address) = (&self.ctx, self.vm, self.address);
-        match (self.kind, step) {
-            (IpOpKind::Add, "allocate_ip") => {
+        match step {
+            IpStep::Add(AddStep::AllocateIp) => {
                 ctx.store
                     .call(move |c| store::networks::delete_ip(c, address, vm))
                     .await?;
                 self.filter(vm).await
             }
-            (IpOpKind::Add, "update_guest") => {
+            IpStep::Add(AddStep::UpdateGuest) => {
                 self.guest_remove(vm).await?;
                 Ok(())
             }
-            _ => Ok(()),
+            // The filter follows the store, which the allocation's undo restored.
+            IpStep::Add(AddStep::UpdateFilter) => Ok(()),
+            // Removals and moves go forward, never back (`rolls_back`).
+            IpStep::Remove(_) | IpStep::Move(_) => Ok(()),
         }
     }
 }
 
 impl Operation for SharedIpOp {
     type Error = VmError;
+    type Step = IpStep;
 
-    fn steps(&self) -> &'static [&'static str] {
+    fn steps(&self) -> &'static [Self::Step] {
         match self.0.kind {
             IpOpKind::Add => ADD_STEPS,
             IpOpKind::Remove => REMOVE_STEPS,
@@ -581,15 +640,11 @@ impl Operation for SharedIpOp {
         self.0.kind == IpOpKind::Add
     }
 
-    fn run_step<'a>(
-        &'a self,
-        step: &'static str,
-        _ctx: &'a StepCtx,
-    ) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(self.0.step(step))
+    async fn run_step(&self, step: IpStep, _ctx: &StepCtx) -> Result<(), VmError> {
+        self.0.step(step).await
     }
 
-    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(self.0.undo(step))
+    async fn undo_step(&self, step: IpStep) -> Result<(), VmError> {
+        self.0.undo(step).await
     }
 }

@@ -151,6 +151,51 @@ mod tests {
         }
     }
 
+    /// The journal holds step names: renaming one would strand every task recorded with it.
+    #[test]
+    fn step_names_are_the_journal_s() {
+        use crate::tasks::step_names;
+        assert_eq!(
+            step_names(super::super::create::CreateStep::ALL),
+            [
+                "validate_resources",
+                "allocate_ip",
+                "create_vm",
+                "configure_hardware",
+                "apply_cloud_init",
+                "start_vm",
+                "configure_network",
+                "wait_for_guest_agent",
+                "verify_connectivity",
+                "finalize",
+            ],
+            "the contract's ten deployment tasks, in order"
+        );
+        assert_eq!(
+            step_names(super::super::reinstall::ReinstallStep::ALL),
+            [
+                "validate_template",
+                "stop_vm",
+                "replace_disk",
+                "apply_cloud_init",
+                "start_vm",
+                "wait_for_guest_agent",
+                "verify_connectivity",
+                "finalize",
+            ]
+        );
+        assert_eq!(
+            step_names(super::super::delete::DeleteStep::ALL),
+            [
+                "remove_domain",
+                "remove_network",
+                "remove_disks",
+                "release_ips",
+                "remove_record"
+            ]
+        );
+    }
+
     #[test]
     fn power_actions_keep_their_names() {
         for a in Action::ALL {

@@ -15,7 +15,7 @@ use super::{Ctx, Op, TaskKind, VmError, VmManager};
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::store::power::{Intended, StopReason};
 use crate::store::{self, VmRowState};
-use crate::tasks::{BoxFuture, Operation, StepCtx};
+use crate::tasks::{Operation, StepCtx};
 
 const MAX_STOP_TIMEOUT_S: u64 = 3600;
 
@@ -95,7 +95,8 @@ impl VmManager {
             return Ok(false);
         }
         let input = serde_json::json!({ "paused": paused, "reason": reason.as_str() });
-        ctx.record_task(&claim, kind, &["start_vm"], input).await?;
+        ctx.record_task(&claim, kind, &[PowerStep::StartVm], input)
+            .await?;
         tracing::info!(vps = %id, %kind, paused, reason = reason.as_str(), "starting a VM that should run");
         let op = PowerOp {
             ctx: self.ctx.clone(),
@@ -129,14 +130,14 @@ fn intent(action: Action) -> (Intended, Option<StopReason>) {
     }
 }
 
-fn steps(action: Action) -> &'static [&'static str] {
+fn steps(action: Action) -> &'static [PowerStep] {
     match action {
-        Action::Start => &["start_vm"],
-        Action::Stop => &["stop_vm"],
-        Action::Restart => &["stop_vm", "start_vm"],
-        Action::Reset => &["reset_vm"],
-        Action::Suspend => &["suspend_vm"],
-        Action::Resume => &["resume_vm"],
+        Action::Start => &[PowerStep::StartVm],
+        Action::Stop => &[PowerStep::StopVm],
+        Action::Restart => &[PowerStep::StopVm, PowerStep::StartVm],
+        Action::Reset => &[PowerStep::ResetVm],
+        Action::Suspend => &[PowerStep::SuspendVm],
+        Action::Resume => &[PowerStep::ResumeVm],
     }
 }
 
@@ -178,10 +179,22 @@ impl PowerOp {
     }
 }
 
+crate::steps! {
+    /// The power actions' steps, by the names the journal stores.
+    pub(crate) enum PowerStep {
+        StartVm = "start_vm",
+        StopVm = "stop_vm",
+        ResetVm = "reset_vm",
+        SuspendVm = "suspend_vm",
+        ResumeVm = "resume_vm",
+    }
+}
+
 impl Operation for PowerOp {
     type Error = VmError;
+    type Step = PowerStep;
 
-    fn steps(&self) -> &'static [&'static str] {
+    fn steps(&self) -> &'static [Self::Step] {
         steps(self.action)
     }
 
@@ -189,40 +202,38 @@ impl Operation for PowerOp {
         false
     }
 
+    /// A power action is not undone: its effect (or not) is what libvirt shows.
+    async fn undo_step(&self, _step: PowerStep) -> Result<(), VmError> {
+        Ok(())
+    }
+
     fn uses_slot(&self) -> bool {
         false
     }
 
-    fn run_step<'a>(
-        &'a self,
-        step: &'static str,
-        _ctx: &'a StepCtx,
-    ) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move {
-            let hv = &self.ctx.hv;
-            match step {
-                "start_vm" if self.paused => {
-                    let vm = self.ctx.vm(self.id).await?;
-                    start_domain_paused(&self.ctx, &vm, Op::Action(self.action)).await?;
-                    self.expect(PowerState::Paused).await
-                }
-                "start_vm" => {
-                    let vm = self.ctx.vm(self.id).await?;
-                    start_domain(&self.ctx, &vm, Op::Action(self.action)).await?;
-                    self.expect(PowerState::Running).await
-                }
-                "stop_vm" => self.stop_vm().await,
-                "reset_vm" => hv.reset(self.id).await.map_err(|e| self.hv(e)),
-                "suspend_vm" => {
-                    hv.suspend(self.id).await.map_err(|e| self.hv(e))?;
-                    self.expect(PowerState::Paused).await
-                }
-                "resume_vm" => {
-                    hv.resume(self.id).await.map_err(|e| self.hv(e))?;
-                    self.expect(PowerState::Running).await
-                }
-                other => Err(VmError::Internal(format!("unknown power step {other}"))),
+    async fn run_step(&self, step: PowerStep, _ctx: &StepCtx) -> Result<(), VmError> {
+        let hv = &self.ctx.hv;
+        match step {
+            PowerStep::StartVm if self.paused => {
+                let vm = self.ctx.vm(self.id).await?;
+                start_domain_paused(&self.ctx, &vm, Op::Action(self.action)).await?;
+                self.expect(PowerState::Paused).await
             }
-        })
+            PowerStep::StartVm => {
+                let vm = self.ctx.vm(self.id).await?;
+                start_domain(&self.ctx, &vm, Op::Action(self.action)).await?;
+                self.expect(PowerState::Running).await
+            }
+            PowerStep::StopVm => self.stop_vm().await,
+            PowerStep::ResetVm => hv.reset(self.id).await.map_err(|e| self.hv(e)),
+            PowerStep::SuspendVm => {
+                hv.suspend(self.id).await.map_err(|e| self.hv(e))?;
+                self.expect(PowerState::Paused).await
+            }
+            PowerStep::ResumeVm => {
+                hv.resume(self.id).await.map_err(|e| self.hv(e))?;
+                self.expect(PowerState::Running).await
+            }
+        }
     }
 }

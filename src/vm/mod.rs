@@ -202,14 +202,15 @@ impl Ctx {
     }
 
     /// Records the task of `claim` with `steps`.
-    async fn record_task(
+    async fn record_task<S: crate::tasks::Step>(
         &self,
         claim: &Claim,
         kind: TaskKind,
-        steps: &'static [&'static str],
+        steps: &'static [S],
         input: serde_json::Value,
     ) -> Result<(), VmError> {
         let (id, vm, now) = (claim.task(), claim.vm(), crate::time::now());
+        let steps = crate::tasks::step_names(steps);
         self.store
             .call(move |c| {
                 store::tasks::insert(
@@ -219,7 +220,7 @@ impl Ctx {
                         kind: kind.as_str(),
                         vps_id: vm,
                         input,
-                        steps,
+                        steps: &steps,
                         now: &now,
                     },
                 )

@@ -443,20 +443,6 @@ pub struct Deleted {
     pub name: String,
 }
 
-/// The ten steps of a create, in the contract's order.
-pub const CREATE_STEPS: &[&str] = &[
-    "validate_resources",
-    "allocate_ip",
-    "create_vm",
-    "configure_hardware",
-    "apply_cloud_init",
-    "start_vm",
-    "configure_network",
-    "wait_for_guest_agent",
-    "verify_connectivity",
-    "finalize",
-];
-
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct DeploymentStep {
     pub name: String,

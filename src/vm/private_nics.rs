@@ -17,7 +17,7 @@ use super::validate::ValidationError;
 use super::{Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::network::private;
 use crate::store::{self, MemberRow, NetworkRow, NewTask};
-use crate::tasks::{BoxFuture, Operation, StepCtx};
+use crate::tasks::{Operation, StepCtx};
 
 impl VmManager {
     pub async fn network_attach(
@@ -83,7 +83,7 @@ impl VmManager {
                         kind: TaskKind::NetAttach.as_str(),
                         vps_id,
                         input: serde_json::json!({ "membership_id": member_id }),
-                        steps: ATTACH_STEPS,
+                        steps: &crate::tasks::step_names(ATTACH_STEPS),
                         now: &now,
                     },
                 )?;
@@ -144,17 +144,54 @@ impl VmManager {
     }
 }
 
-const ATTACH_STEPS: &[&str] = &[
-    "ensure_segment",
-    "update_filter",
-    "plug_nic",
-    "update_guest",
+crate::steps! {
+    /// Joining a private network: the segment exists, the filter knows the NIC before it is
+    /// plugged, then the guest configures it.
+    pub(crate) enum AttachStep {
+        EnsureSegment = "ensure_segment",
+        UpdateFilter = "update_filter",
+        PlugNic = "plug_nic",
+        UpdateGuest = "update_guest",
+    }
+}
+
+crate::steps! {
+    /// Leaving one: the guest lets go of the NIC before it is unplugged and forgotten.
+    pub(crate) enum DetachStep {
+        UpdateGuest = "update_guest",
+        UnplugNic = "unplug_nic",
+        ReleaseMember = "release_member",
+        UpdateFilter = "update_filter",
+    }
+}
+
+/// A step of an attach or a detach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NicStep {
+    Attach(AttachStep),
+    Detach(DetachStep),
+}
+
+impl crate::tasks::Step for NicStep {
+    fn name(self) -> &'static str {
+        match self {
+            NicStep::Attach(s) => s.name(),
+            NicStep::Detach(s) => s.name(),
+        }
+    }
+}
+
+const ATTACH_STEPS: &[NicStep] = &[
+    NicStep::Attach(AttachStep::EnsureSegment),
+    NicStep::Attach(AttachStep::UpdateFilter),
+    NicStep::Attach(AttachStep::PlugNic),
+    NicStep::Attach(AttachStep::UpdateGuest),
 ];
-const DETACH_STEPS: &[&str] = &[
-    "update_guest",
-    "unplug_nic",
-    "release_member",
-    "update_filter",
+const DETACH_STEPS: &[NicStep] = &[
+    NicStep::Detach(DetachStep::UpdateGuest),
+    NicStep::Detach(DetachStep::UnplugNic),
+    NicStep::Detach(DetachStep::ReleaseMember),
+    NicStep::Detach(DetachStep::UpdateFilter),
 ];
 
 pub(crate) struct NicOp {
@@ -249,19 +286,22 @@ impl NicOp {
         VmError::network(e)
     }
 
-    async fn step(&self, step: &'static str) -> Result<(), VmError> {
+    async fn step(&self, step: NicStep) -> Result<(), VmError> {
+        use NicStep::{Attach, Detach};
         let ctx = &self.ctx;
         let vm_id = self.member.vps_id;
         match step {
-            "ensure_segment" => {
+            Attach(AttachStep::EnsureSegment) => {
                 let n = self.network().await?;
                 ctx.net
                     .ensure_segment_now(n.vni)
                     .await
                     .map_err(Self::net_err)
             }
-            "update_filter" => net::refresh_filters(ctx, &[], Op::Network).await,
-            "plug_nic" => {
+            Attach(AttachStep::UpdateFilter) | Detach(DetachStep::UpdateFilter) => {
+                net::refresh_filters(ctx, &[], Op::Network).await
+            }
+            Attach(AttachStep::PlugNic) => {
                 let vm = ctx.vm(vm_id).await?;
                 define(ctx, &vm, Op::Network).await?;
                 if self.running().await? && !self.plugged().await? {
@@ -276,7 +316,7 @@ impl NicOp {
                 }
                 Ok(())
             }
-            "update_guest" if self.attach => {
+            Attach(AttachStep::UpdateGuest) => {
                 let vm = ctx.vm(vm_id).await?;
                 write_seed(ctx, &vm).await?;
                 if self.running().await? {
@@ -286,7 +326,7 @@ impl NicOp {
                 }
                 Ok(())
             }
-            "update_guest" => {
+            Detach(DetachStep::UpdateGuest) => {
                 let dev = adapter(self.member.nic);
                 let script = format!(
                     "ip addr flush dev {dev} 2>/dev/null; ip link set {dev} down 2>/dev/null; true"
@@ -296,7 +336,7 @@ impl NicOp {
                 }
                 Ok(())
             }
-            "unplug_nic" => {
+            Detach(DetachStep::UnplugNic) => {
                 if self.running().await? && self.plugged().await? {
                     let n = self.network().await?;
                     ctx.hv
@@ -325,7 +365,7 @@ impl NicOp {
                 }
                 Ok(())
             }
-            "release_member" => {
+            Detach(DetachStep::ReleaseMember) => {
                 let id = self.member.id;
                 ctx.store
                     .call(move |c| store::networks::delete_member(c, id))
@@ -341,7 +381,6 @@ impl NicOp {
                 );
                 ctx.net.remove_nic(&nic).await.map_err(Self::net_err)
             }
-            other => Err(VmError::Internal(format!("unknown NIC step {other}"))),
         }
     }
 
@@ -367,21 +406,18 @@ impl NicOp {
         Ok(())
     }
 
-    async fn undo(&self, step: &'static str) -> Result<(), VmError> {
-        if !self.attach {
-            return Ok(());
-        }
+    async fn undo(&self, step: NicStep) -> Result<(), VmError> {
         let ctx = &self.ctx;
         match step {
             // Attaching failed: the membership and everything made for it go.
-            "ensure_segment" => {
+            NicStep::Attach(AttachStep::EnsureSegment) => {
                 let id = self.member.id;
                 ctx.store
                     .call(move |c| store::networks::delete_member(c, id))
                     .await?;
                 net::refresh_filters(ctx, &[], Op::Network).await
             }
-            "plug_nic" => {
+            NicStep::Attach(AttachStep::PlugNic) => {
                 if self.running().await? && self.plugged().await? {
                     let n = self.network().await?;
                     let _ = ctx
@@ -391,15 +427,20 @@ impl NicOp {
                 }
                 Ok(())
             }
-            _ => Ok(()),
+            // The filter and the guest follow the store, which the segment's undo (the
+            // membership's removal) restored.
+            NicStep::Attach(AttachStep::UpdateFilter | AttachStep::UpdateGuest) => Ok(()),
+            // A detach goes forward, never back (`rolls_back`).
+            NicStep::Detach(_) => Ok(()),
         }
     }
 }
 
 impl Operation for NicOp {
     type Error = VmError;
+    type Step = NicStep;
 
-    fn steps(&self) -> &'static [&'static str] {
+    fn steps(&self) -> &'static [Self::Step] {
         if self.attach {
             ATTACH_STEPS
         } else {
@@ -411,24 +452,18 @@ impl Operation for NicOp {
         self.attach
     }
 
-    fn run_step<'a>(
-        &'a self,
-        step: &'static str,
-        _ctx: &'a StepCtx,
-    ) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(self.step(step))
+    async fn run_step(&self, step: NicStep, _ctx: &StepCtx) -> Result<(), VmError> {
+        self.step(step).await
     }
 
-    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move {
-            self.undo(step).await?;
-            if step == "ensure_segment" {
-                // After the membership is gone, the definition and seed follow.
-                let vm = self.ctx.vm(self.member.vps_id).await?;
-                define(&self.ctx, &vm, Op::Network).await?;
-                write_seed(&self.ctx, &vm).await?;
-            }
-            Ok(())
-        })
+    async fn undo_step(&self, step: NicStep) -> Result<(), VmError> {
+        self.undo(step).await?;
+        if step == NicStep::Attach(AttachStep::EnsureSegment) {
+            // After the membership is gone, the definition and seed follow.
+            let vm = self.ctx.vm(self.member.vps_id).await?;
+            define(&self.ctx, &vm, Op::Network).await?;
+            write_seed(&self.ctx, &vm).await?;
+        }
+        Ok(())
     }
 }

@@ -3,11 +3,7 @@
 
 use uuid::Uuid;
 
-use super::create::CreateOp;
-use super::delete::DeleteOp;
-use super::reinstall::ReinstallOp;
-use super::resize::ResizeOp;
-use super::{net, Op, Resume, TaskKind, VmError, VmManager};
+use super::{create, delete, net, reinstall, resize, Op, Resume, TaskKind, VmError, VmManager};
 use crate::errors::ErrorCode;
 use crate::store;
 
@@ -64,24 +60,10 @@ impl VmManager {
             };
             let (ctx, id) = (&self.ctx, task.vps_id);
             let resume = match kind {
-                TaskKind::Create => Resume::run(
-                    ctx,
-                    kind,
-                    CreateOp {
-                        ctx: ctx.clone(),
-                        id,
-                    },
-                ),
-                TaskKind::Delete => Resume::run(
-                    ctx,
-                    kind,
-                    DeleteOp {
-                        ctx: ctx.clone(),
-                        id,
-                    },
-                ),
-                TaskKind::Reinstall => ReinstallOp::resume(ctx, &task),
-                TaskKind::Resize => ResizeOp::resume(ctx, &task),
+                TaskKind::Create => create::CreateOp::resume(ctx, &task),
+                TaskKind::Delete => delete::DeleteOp::resume(ctx, &task),
+                TaskKind::Reinstall => reinstall::ReinstallOp::resume(ctx, &task),
+                TaskKind::Resize => resize::ResizeOp::resume(ctx, &task),
                 // An interrupted snapshot is finished from the step it reached; rollbacks
                 // and deletes are repeated, each step being idempotent.
                 TaskKind::SnapshotCreate

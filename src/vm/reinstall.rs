@@ -16,17 +16,31 @@ use super::{readiness, validate, Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::cloudinit;
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::store::{self, VmRow, VmRowState};
-use crate::tasks::{BoxFuture, Operation, StepCtx};
+use crate::tasks::{Operation, StepCtx};
 
-pub(crate) const REINSTALL_STEPS: &[&str] = &[
-    "validate_template",
-    "stop_vm",
-    "replace_disk",
-    "apply_cloud_init",
-    "start_vm",
-    "wait_for_guest_agent",
-    "verify_connectivity",
-    "finalize",
+crate::steps! {
+    /// The reinstall task's steps, by the names the journal stores.
+    pub(crate) enum ReinstallStep {
+        ValidateTemplate = "validate_template",
+        StopVm = "stop_vm",
+        ReplaceDisk = "replace_disk",
+        ApplyCloudInit = "apply_cloud_init",
+        StartVm = "start_vm",
+        WaitForGuestAgent = "wait_for_guest_agent",
+        VerifyConnectivity = "verify_connectivity",
+        Finalize = "finalize",
+    }
+}
+
+pub(crate) const REINSTALL_STEPS: &[ReinstallStep] = &[
+    ReinstallStep::ValidateTemplate,
+    ReinstallStep::StopVm,
+    ReinstallStep::ReplaceDisk,
+    ReinstallStep::ApplyCloudInit,
+    ReinstallStep::StartVm,
+    ReinstallStep::WaitForGuestAgent,
+    ReinstallStep::VerifyConnectivity,
+    ReinstallStep::Finalize,
 ];
 
 /// The task's input: what the VM becomes.
@@ -220,77 +234,75 @@ impl ReinstallOp {
 
 impl Operation for ReinstallOp {
     type Error = VmError;
+    type Step = ReinstallStep;
 
-    fn steps(&self) -> &'static [&'static str] {
+    fn steps(&self) -> &'static [Self::Step] {
         REINSTALL_STEPS
     }
 
-    fn run_step<'a>(
-        &'a self,
-        step: &'static str,
-        ctx: &'a StepCtx,
-    ) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move {
-            let vm = self.ctx.vm(self.id).await?;
-            if vm.state != VmRowState::Active {
-                return Err(VmError::InvalidState(
-                    "the VPS is no longer deployed".into(),
-                ));
+    async fn run_step(&self, step: ReinstallStep, ctx: &StepCtx) -> Result<(), VmError> {
+        let vm = self.ctx.vm(self.id).await?;
+        if vm.state != VmRowState::Active {
+            return Err(VmError::InvalidState(
+                "the VPS is no longer deployed".into(),
+            ));
+        }
+        match step {
+            ReinstallStep::ValidateTemplate => {
+                let t = self
+                    .ctx
+                    .images
+                    .get(&self.input.template_id)
+                    .await
+                    .map_err(|e| VmError::storage(Op::Deploy, e))?;
+                self.ctx
+                    .images
+                    .verify(&t)
+                    .await
+                    .map_err(|e| VmError::storage(Op::Deploy, e))
             }
-            match step {
-                "validate_template" => {
-                    let t = self
-                        .ctx
-                        .images
-                        .get(&self.input.template_id)
-                        .await
-                        .map_err(|e| VmError::storage(Op::Deploy, e))?;
-                    self.ctx
-                        .images
-                        .verify(&t)
-                        .await
-                        .map_err(|e| VmError::storage(Op::Deploy, e))
+            // The disk is about to be replaced: there is nothing to shut down gracefully for.
+            ReinstallStep::StopVm => ensure_off(&self.ctx, self.id, Op::Deploy).await,
+            ReinstallStep::ReplaceDisk => self.replace_disk(&vm).await,
+            ReinstallStep::ApplyCloudInit => write_seed(&self.ctx, &self.next(&vm)).await,
+            ReinstallStep::StartVm => {
+                start_domain(&self.ctx, &vm, Op::Deploy).await?;
+                match self.ctx.hv.power_state(self.id).await.map_err(Self::hv)? {
+                    Some(PowerState::Running) => Ok(()),
+                    other => Err(VmError::Failed {
+                        op: Op::Deploy,
+                        message: format!("domain is {other:?} after start"),
+                    }),
                 }
-                // The disk is about to be replaced: there is nothing to shut down gracefully for.
-                "stop_vm" => ensure_off(&self.ctx, self.id, Op::Deploy).await,
-                "replace_disk" => self.replace_disk(&vm).await,
-                "apply_cloud_init" => write_seed(&self.ctx, &self.next(&vm)).await,
-                "start_vm" => {
-                    start_domain(&self.ctx, &vm, Op::Deploy).await?;
-                    match self.ctx.hv.power_state(self.id).await.map_err(Self::hv)? {
-                        Some(PowerState::Running) => Ok(()),
-                        other => Err(VmError::Failed {
-                            op: Op::Deploy,
-                            message: format!("domain is {other:?} after start"),
-                        }),
-                    }
-                }
-                "wait_for_guest_agent" => {
-                    let template = self.next(&vm).template_id;
-                    readiness::wait_for_guest_agent(&self.ctx, self.id, &template, ctx, Op::Deploy)
-                        .await
-                }
-                "verify_connectivity" => {
-                    readiness::verify_connectivity(&self.ctx, vm.ip_address, ctx, Op::Deploy).await
-                }
-                "finalize" => self.finalize().await,
-                other => Err(VmError::Internal(format!("unknown reinstall step {other}"))),
             }
-        })
+            ReinstallStep::WaitForGuestAgent => {
+                let template = self.next(&vm).template_id;
+                readiness::wait_for_guest_agent(&self.ctx, self.id, &template, ctx, Op::Deploy)
+                    .await
+            }
+            ReinstallStep::VerifyConnectivity => {
+                readiness::verify_connectivity(&self.ctx, vm.ip_address, ctx, Op::Deploy).await
+            }
+            ReinstallStep::Finalize => self.finalize().await,
+        }
     }
 
-    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move {
-            let vm = self.ctx.vm(self.id).await?;
-            match step {
-                "stop_vm" if self.input.was_running => {
-                    start_domain(&self.ctx, &vm, Op::Deploy).await
-                }
-                "replace_disk" => self.restore_disk(&vm).await,
-                "apply_cloud_init" => write_seed(&self.ctx, &vm).await,
-                "start_vm" => ensure_off(&self.ctx, self.id, Op::Deploy).await,
-                _ => Ok(()),
+    async fn undo_step(&self, step: ReinstallStep) -> Result<(), VmError> {
+        let vm = self.ctx.vm(self.id).await?;
+        match step {
+            ReinstallStep::StopVm if self.input.was_running => {
+                start_domain(&self.ctx, &vm, Op::Deploy).await
             }
-        })
+            ReinstallStep::ReplaceDisk => self.restore_disk(&vm).await,
+            ReinstallStep::ApplyCloudInit => write_seed(&self.ctx, &vm).await,
+            ReinstallStep::StartVm => ensure_off(&self.ctx, self.id, Op::Deploy).await,
+            // A VM that was off stays off; checks and waits take nothing back; finalize is
+            // the last step (nothing after it can fail).
+            ReinstallStep::StopVm
+            | ReinstallStep::ValidateTemplate
+            | ReinstallStep::WaitForGuestAgent
+            | ReinstallStep::VerifyConnectivity
+            | ReinstallStep::Finalize => Ok(()),
+        }
     }
 }

@@ -24,9 +24,22 @@ use super::validate::{self, ValidationError};
 use super::{Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::hypervisor::{HypervisorError, PowerState};
 use crate::store::{self, NewTask, VmRowState};
-use crate::tasks::{BoxFuture, Operation, StepCtx};
+use crate::tasks::{Operation, StepCtx};
 
-pub(crate) const RESIZE_STEPS: &[&str] = &["apply_definition", "resize_disk", "restart_vm"];
+crate::steps! {
+    /// The resize task's steps, by the names the journal stores.
+    pub(crate) enum ResizeStep {
+        ApplyDefinition = "apply_definition",
+        ResizeDisk = "resize_disk",
+        RestartVm = "restart_vm",
+    }
+}
+
+pub(crate) const RESIZE_STEPS: &[ResizeStep] = &[
+    ResizeStep::ApplyDefinition,
+    ResizeStep::ResizeDisk,
+    ResizeStep::RestartVm,
+];
 
 const GIB: u64 = 1 << 30;
 
@@ -162,7 +175,7 @@ impl VmManager {
                         kind: TaskKind::Resize.as_str(),
                         vps_id: id,
                         input: value,
-                        steps: RESIZE_STEPS,
+                        steps: &crate::tasks::step_names(RESIZE_STEPS),
                         now: &now,
                     },
                 )?;
@@ -310,38 +323,31 @@ impl ResizeOp {
 
 impl Operation for ResizeOp {
     type Error = VmError;
+    type Step = ResizeStep;
 
-    fn steps(&self) -> &'static [&'static str] {
+    fn steps(&self) -> &'static [Self::Step] {
         RESIZE_STEPS
     }
 
-    fn run_step<'a>(
-        &'a self,
-        step: &'static str,
-        _ctx: &'a StepCtx,
-    ) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move {
-            let vm = self.ctx.vm(self.id).await?;
-            if vm.state != VmRowState::Active {
-                return Err(VmError::InvalidState(
-                    "the VPS is no longer deployed".into(),
-                ));
-            }
-            match step {
-                "apply_definition" => define(&self.ctx, &vm, Op::Deploy).await,
-                "resize_disk" => self.resize_disk().await,
-                "restart_vm" => self.restart_vm().await,
-                other => Err(VmError::Internal(format!("unknown resize step {other}"))),
-            }
-        })
+    async fn run_step(&self, step: ResizeStep, _ctx: &StepCtx) -> Result<(), VmError> {
+        let vm = self.ctx.vm(self.id).await?;
+        if vm.state != VmRowState::Active {
+            return Err(VmError::InvalidState(
+                "the VPS is no longer deployed".into(),
+            ));
+        }
+        match step {
+            ResizeStep::ApplyDefinition => define(&self.ctx, &vm, Op::Deploy).await,
+            ResizeStep::ResizeDisk => self.resize_disk().await,
+            ResizeStep::RestartVm => self.restart_vm().await,
+        }
     }
 
-    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move {
-            match step {
-                "apply_definition" => self.restore_resources().await,
-                _ => Ok(()),
-            }
-        })
+    async fn undo_step(&self, step: ResizeStep) -> Result<(), VmError> {
+        match step {
+            ResizeStep::ApplyDefinition => self.restore_resources().await,
+            // A grown disk stays grown (its data is the customer's); a restart is not undone.
+            ResizeStep::ResizeDisk | ResizeStep::RestartVm => Ok(()),
+        }
     }
 }

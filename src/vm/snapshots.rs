@@ -29,15 +29,34 @@ use super::validate::{self, ValidationError};
 use super::{net, Ctx, Op, Resume, TaskKind, VmError, VmManager};
 use crate::hypervisor::{guest, snapshot as live, HypervisorError, PowerState};
 use crate::store::{self, NewTask, SnapshotRow, SnapshotState};
-use crate::tasks::{BoxFuture, Operation, StepCtx};
+use crate::tasks::{Operation, StepCtx};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 const MAX_DESCRIPTION: usize = 500;
 
-pub(crate) const CREATE_STEPS: &[&str] = &["take_snapshot", "record_snapshot"];
-pub(crate) const ROLLBACK_STEPS: &[&str] = &["prepare_vm", "revert_disk", "restore_power"];
-pub(crate) const DELETE_STEPS: &[&str] = &["delete_snapshot", "forget_snapshot"];
+crate::steps! {
+    /// The snapshot tasks' steps (take, roll back, delete), by the names the journal stores.
+    pub(crate) enum SnapshotStep {
+        TakeSnapshot = "take_snapshot",
+        RecordSnapshot = "record_snapshot",
+        PrepareVm = "prepare_vm",
+        RevertDisk = "revert_disk",
+        RestorePower = "restore_power",
+        DeleteSnapshot = "delete_snapshot",
+        ForgetSnapshot = "forget_snapshot",
+    }
+}
+
+pub(crate) const CREATE_STEPS: &[SnapshotStep] =
+    &[SnapshotStep::TakeSnapshot, SnapshotStep::RecordSnapshot];
+pub(crate) const ROLLBACK_STEPS: &[SnapshotStep] = &[
+    SnapshotStep::PrepareVm,
+    SnapshotStep::RevertDisk,
+    SnapshotStep::RestorePower,
+];
+pub(crate) const DELETE_STEPS: &[SnapshotStep] =
+    &[SnapshotStep::DeleteSnapshot, SnapshotStep::ForgetSnapshot];
 
 /// `POST /v1/vms/{id}/snapshots`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -287,7 +306,7 @@ impl VmManager {
                         kind: TaskKind::SnapshotCreate.as_str(),
                         vps_id: id,
                         input: task_input,
-                        steps: CREATE_STEPS,
+                        steps: &crate::tasks::step_names(CREATE_STEPS),
                         now: &now,
                     },
                 )?;
@@ -417,7 +436,7 @@ impl Kind {
         self.task_kind().as_str()
     }
 
-    fn steps(self) -> &'static [&'static str] {
+    fn steps(self) -> &'static [SnapshotStep] {
         match self {
             Kind::Create => CREATE_STEPS,
             Kind::Rollback => ROLLBACK_STEPS,
@@ -676,8 +695,9 @@ impl SnapshotOp {
 
 impl Operation for SnapshotOp {
     type Error = VmError;
+    type Step = SnapshotStep;
 
-    fn steps(&self) -> &'static [&'static str] {
+    fn steps(&self) -> &'static [Self::Step] {
         self.kind.steps()
     }
 
@@ -685,65 +705,61 @@ impl Operation for SnapshotOp {
         self.kind == Kind::Create
     }
 
-    fn run_step<'a>(
-        &'a self,
-        step: &'static str,
-        _ctx: &'a StepCtx,
-    ) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move {
-            match step {
-                "take_snapshot" => self.take().await,
-                "record_snapshot" => {
-                    let (id, name, vmstate) =
-                        (self.id, self.input.name.clone(), self.input.include_ram);
-                    self.ctx
-                        .store
-                        .call(move |c| store::snapshots::set_ready(c, id, &name, vmstate))
-                        .await?;
-                    Ok(())
-                }
-                "prepare_vm" => self.prepare_rollback().await,
-                "revert_disk" => self.revert().await,
-                "restore_power" => self.restore_power().await,
-                "delete_snapshot" => self.remove_from_disk().await,
-                "forget_snapshot" => self.forget().await,
-                other => Err(VmError::Internal(format!("unknown snapshot step {other}"))),
+    async fn run_step(&self, step: SnapshotStep, _ctx: &StepCtx) -> Result<(), VmError> {
+        match step {
+            SnapshotStep::TakeSnapshot => self.take().await,
+            SnapshotStep::RecordSnapshot => {
+                let (id, name, vmstate) =
+                    (self.id, self.input.name.clone(), self.input.include_ram);
+                self.ctx
+                    .store
+                    .call(move |c| store::snapshots::set_ready(c, id, &name, vmstate))
+                    .await?;
+                Ok(())
             }
-        })
+            SnapshotStep::PrepareVm => self.prepare_rollback().await,
+            SnapshotStep::RevertDisk => self.revert().await,
+            SnapshotStep::RestorePower => self.restore_power().await,
+            SnapshotStep::DeleteSnapshot => self.remove_from_disk().await,
+            SnapshotStep::ForgetSnapshot => self.forget().await,
+        }
     }
 
-    fn undo_step<'a>(&'a self, step: &'static str) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move {
-            match step {
-                "take_snapshot" => self.remove_from_disk().await,
-                _ => Ok(()),
-            }
-        })
+    async fn undo_step(&self, step: SnapshotStep) -> Result<(), VmError> {
+        match step {
+            SnapshotStep::TakeSnapshot => self.remove_from_disk().await,
+            // The record is the last step of a take; rollbacks and deletes go forward
+            // (`rolls_back`).
+            SnapshotStep::RecordSnapshot
+            | SnapshotStep::PrepareVm
+            | SnapshotStep::RevertDisk
+            | SnapshotStep::RestorePower
+            | SnapshotStep::DeleteSnapshot
+            | SnapshotStep::ForgetSnapshot => Ok(()),
+        }
     }
 
-    fn finish<'a>(&'a self, outcome: Result<(), &'a VmError>) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            let Err(e) = outcome else { return };
-            match self.kind {
-                Kind::Create => {
-                    if let Err(e) = self.forget().await {
-                        tracing::error!(vps = %self.id, error = %e, "cannot drop the failed snapshot's record");
-                    }
+    async fn finish(&self, outcome: Result<(), &VmError>) {
+        let Err(e) = outcome else { return };
+        match self.kind {
+            Kind::Create => {
+                if let Err(e) = self.forget().await {
+                    tracing::error!(vps = %self.id, error = %e, "cannot drop the failed snapshot's record");
                 }
-                Kind::Rollback => {
-                    // A stopped VM started only to load memory goes back to stopped.
-                    if self
-                        .started_paused
-                        .load(std::sync::atomic::Ordering::SeqCst)
-                    {
-                        if let Err(e) = self.ctx.hv.destroy(self.id).await {
-                            tracing::error!(vps = %self.id, error = %e, "cannot power off after a failed rollback");
-                        }
-                    }
-                    tracing::warn!(vps = %self.id, snapshot = %self.input.name, error = %e, "rollback failed");
-                }
-                Kind::Delete => {}
             }
-        })
+            Kind::Rollback => {
+                // A stopped VM started only to load memory goes back to stopped.
+                if self
+                    .started_paused
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    if let Err(e) = self.ctx.hv.destroy(self.id).await {
+                        tracing::error!(vps = %self.id, error = %e, "cannot power off after a failed rollback");
+                    }
+                }
+                tracing::warn!(vps = %self.id, snapshot = %self.input.name, error = %e, "rollback failed");
+            }
+            Kind::Delete => {}
+        }
     }
 }
