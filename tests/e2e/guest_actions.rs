@@ -246,7 +246,7 @@ async fn restart_reset_ram_resize_console_cap_and_webhook_give_up() {
     let agent = Agent::start(
         "guest-actions-power",
         AgentOptions {
-            pool: (110, 113),
+            pool: (142, 145),
             extra_toml: format!(
                 "[webhooks]\ninitial_backoff_ms = 1000\nmax_backoff_s = 3\n\
                  max_age_s = {HOOK_MAX_AGE_S}\n\n[console]\nmax_sessions = 2\n"
@@ -589,7 +589,7 @@ async fn reinstall_keeps_addresses_stop_timeout_powers_off_and_reconcile_reports
     let mut agent = Agent::start(
         "guest-actions-keep",
         AgentOptions {
-            pool: (114, 117),
+            pool: (146, 149),
             // VNIs of its own: private bridges are named after their VNI (`hvp<vni>`) in
             // the shared rig, and other tests' agents allocate from the default range (and
             // remove "leftover" bridges in it).
