@@ -74,7 +74,12 @@ impl TaskKind {
             TaskKind::NetAttach => "join a private network",
             TaskKind::NetDetach => "leave a private network",
             TaskKind::Autostart | TaskKind::Autorestart => "start",
-            power => power.as_str(),
+            TaskKind::Start
+            | TaskKind::Stop
+            | TaskKind::Restart
+            | TaskKind::Reset
+            | TaskKind::Suspend
+            | TaskKind::Resume => self.as_str(),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Reinstall replaces the system and keeps the VM's identity; resize grows a disk the guest
-//! sees, applies CPU after a restart, and refuses an unconfirmed shrink.
+//! Reinstall replaces the system and keeps the VM's identity, and a failed one is rolled
+//! back to the previous disk; resize grows a disk the guest sees, applies CPU after a
+//! restart, and refuses an unconfirmed shrink.
 
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ fn disk_bytes(id: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reinstall_keeps_identity_and_resize_grows_what_the_guest_sees() {
-    let agent = Agent::start(
+    let mut agent = Agent::start(
         "reinstall",
         AgentOptions {
             pool: (140, 141),
@@ -76,6 +77,66 @@ async fn reinstall_keeps_identity_and_resize_grows_what_the_guest_sees() {
         "same address in the guest: {addr}"
     );
     assert!(!agent.vm_dir.join(&id).join("disk.prev.qcow2").exists());
+
+    // A reinstall that fails (the new system's guest agent "never" answers: the agent is
+    // restarted with a 1 s limit) is rolled back: the VM runs its previous disk again, with
+    // its data, instance and password, at the same address; the template is unchanged.
+    let (code, _) = guest_sh(&id, "echo second > /root/marker && sync");
+    assert_eq!(code, 0);
+    let status = agent.terminate();
+    assert!(status.success(), "{status}");
+    agent.start_again(vec![(
+        "HVNODE_TASKS__GUEST_AGENT_TIMEOUT_S".into(),
+        "1".into(),
+    )]);
+    let (s, accepted) = agent
+        .post(
+            &format!("/v1/vms/{id}/reinstall"),
+            json!({"template_id": TEMPLATE, "root_password": "Third-pass-3"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{accepted}");
+    let task = agent
+        .wait_task(accepted["data"]["task_id"].as_str().unwrap(), BOOT)
+        .await;
+    assert_eq!(task["state"], json!("failed"), "{task}");
+    let rolled_back: Vec<&str> = task["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == json!("rolled_back"))
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        rolled_back.contains(&"replace_disk"),
+        "the disk swap was undone: {task}"
+    );
+    wait_guest_agent(&id, BOOT).await;
+    let (_, marker) = guest_sh(&id, "cat /root/marker");
+    assert_eq!(marker.trim(), "second", "the previous disk, with its data");
+    let (_, instance) = guest_sh(&id, "cat /var/lib/cloud/data/instance-id");
+    assert_eq!(
+        instance.trim(),
+        second_instance.trim(),
+        "the previous instance"
+    );
+    let (_, shadow) = guest_sh(&id, "grep '^root:' /etc/shadow");
+    let hash = shadow.trim().split(':').nth(1).unwrap().to_owned();
+    assert!(
+        sha_crypt::sha512_check("Second-pass-2", &hash).is_ok(),
+        "the previous password"
+    );
+    let (_, rolled) = agent.get(&format!("/v1/vms/{id}")).await;
+    assert_eq!(rolled["data"]["status"], json!("running"), "{rolled}");
+    assert_eq!(rolled["data"]["ip_address"], before["data"]["ip_address"]);
+    assert!(
+        eventually(BOOT, || tcp_open(&agent.rig.netns, ip, 22)).await,
+        "the VM answers on {ip} after the rollback"
+    );
+    assert!(!agent.vm_dir.join(&id).join("disk.prev.qcow2").exists());
+    let status = agent.terminate();
+    assert!(status.success(), "{status}");
+    agent.start_again(Vec::new());
 
     // A shrink without confirmation is refused and changes nothing.
     let size_before = disk_bytes(&id);

@@ -335,7 +335,15 @@ async fn vpses_come_back_after_a_qemu_crash_and_a_host_reboot_and_stay_off_when_
         "D comes back paused\n{}",
         agent.log_tail(30)
     );
-    assert_eq!(status(&agent, &d).await["qmpstatus"], json!("paused"));
+    // Started paused, before its first instruction: QEMU says "prelaunch". Its autostart
+    // task holds it until its network is plugged; then it takes a resume.
+    assert_eq!(status(&agent, &d).await["qmpstatus"], json!("prelaunch"));
+    let boots = tasks_of(&agent, &d, "autostart").await;
+    assert_eq!(boots.len(), 1, "{boots:?}");
+    let task = agent
+        .wait_task(boots[0]["id"].as_str().unwrap(), Duration::from_secs(120))
+        .await;
+    assert_eq!(task["state"], json!("completed"), "{task}");
     let (s, r) = agent.post(&format!("/v1/vms/{d}/resume"), json!({})).await;
     assert_eq!(
         (s, r["data"]["status"].clone()),
@@ -425,6 +433,7 @@ async fn vpses_come_back_after_a_qemu_crash_and_a_host_reboot_and_stay_off_when_
         (200, json!("running")),
         "{r}"
     );
+
     let _ = pid1;
 }
 
