@@ -4,64 +4,20 @@
 //! libvirt is not needed here: the agent is pointed at a socket that does not exist, which
 //! is also how it behaves while libvirtd is down.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
-use hvnode::api::auth::hash_token;
 use hvnode::api::UnixPeer;
-use hvnode::app::App;
-use hvnode::config::Config;
-use hvnode::hypervisor::Libvirt;
-use hvnode::store::Store;
-use hvnode::tasks::faults::FaultPoints;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-const TOKEN: &str = "test-token-0123456789";
-const VM: &str = "0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c";
+mod common;
 
-struct Harness {
-    router: axum::Router,
-    _dir: tempfile::TempDir,
-}
-
-fn harness() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::load(None, Vec::<(String, String)>::new()).unwrap();
-    config.api.token_sha256 = vec![hash_token(TOKEN)];
-    config.storage.image_dir = dir.path().join("images");
-    config.storage.vm_dir = dir.path().join("vms");
-    config.libvirt.uri = "qemu+unix:///system?socket=/nonexistent/hvnode-test.sock".into();
-    let store = Store::open(&dir.path().join("state.db")).unwrap();
-    let hv = Arc::new(Libvirt::new(
-        &config.libvirt.uri,
-        config.libvirt.connections,
-    ));
-    let app = Arc::new(App::with_parts(config, store, hv, FaultPoints::none()));
-    Harness {
-        router: hvnode::api::router(app),
-        _dir: dir,
-    }
-}
+use common::{harness, request, Harness, TOKEN, VM};
 
 async fn send(h: &Harness, req: Request<Body>) -> (StatusCode, Value) {
-    let resp = h.router.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let body: Value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)));
-    (status, body)
-}
-
-fn request(method: Method, path: &str, token: Option<&str>, body: Body) -> Request<Body> {
-    let mut b = Request::builder().method(method).uri(path);
-    if let Some(t) = token {
-        b = b.header("authorization", format!("Bearer {t}"));
-    }
-    b.body(body).unwrap()
+    h.send(req).await
 }
 
 fn assert_error(status: StatusCode, body: &Value, want_status: u16, want_code: &str) {

@@ -5,25 +5,18 @@
 //! `UPDATE_OPENAPI=1 cargo test --test openapi` rewrites `openapi.json` from the code.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{header, Method, Request, StatusCode};
-use http_body_util::BodyExt;
-use hvnode::api::auth::hash_token;
+use axum::http::{Method, StatusCode};
 use hvnode::api::openapi;
-use hvnode::app::App;
-use hvnode::config::Config;
 use hvnode::errors::ErrorCode;
-use hvnode::hypervisor::Libvirt;
 use hvnode::store::{self, Store};
-use hvnode::tasks::faults::FaultPoints;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 use uuid::Uuid;
 
-const TOKEN: &str = "test-token-0123456789";
-const VM: &str = "0b9f9c1e-3c3a-4f57-9d49-7f1f0c1a2b3c";
+mod common;
+
+use common::{harness, harness_with, request, Answer, Harness, TOKEN, VM};
 const TASK: &str = "5d2c43f0-8f0e-4c1b-9a55-2f7d8e6b1a90";
 const NETWORK: &str = "8a3e1f2c-6b7d-4e9f-a1b2-c3d4e5f60718";
 const MEMBER: &str = "1f0e2d3c-4b5a-4697-8877-665544332211";
@@ -73,80 +66,10 @@ const CONTRACT_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/tasks/{id}"),
 ];
 
-struct Harness {
-    router: axum::Router,
-    _dir: tempfile::TempDir,
-}
-
-/// The router without libvirt (a socket that does not exist), on a store that `seed`
-/// fills first.
-fn harness_with(seed: impl FnOnce(&Store)) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::load(None, Vec::<(String, String)>::new()).unwrap();
-    config.api.token_sha256 = vec![hash_token(TOKEN)];
-    config.storage.image_dir = dir.path().join("images");
-    config.storage.vm_dir = dir.path().join("vms");
-    config.libvirt.uri = "qemu+unix:///system?socket=/nonexistent/hvnode-test.sock".into();
-    let store = Store::open(&dir.path().join("state.db")).unwrap();
-    seed(&store);
-    let hv = Arc::new(Libvirt::new(
-        &config.libvirt.uri,
-        config.libvirt.connections,
-    ));
-    let app = Arc::new(App::with_parts(config, store, hv, FaultPoints::none()));
-    Harness {
-        router: hvnode::api::router(app),
-        _dir: dir,
-    }
-}
-
-fn harness() -> Harness {
-    harness_with(|_| {})
-}
-
-struct Answer {
-    status: StatusCode,
-    content_type: String,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
 async fn send(h: &Harness, method: &str, path: &str, token: Option<&str>, body: &str) -> Answer {
-    let mut req = Request::builder()
-        .method(Method::from_bytes(method.as_bytes()).unwrap())
-        .uri(path);
-    if let Some(t) = token {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let resp = h
-        .router
-        .clone()
-        .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+    let method = Method::from_bytes(method.as_bytes()).unwrap();
+    h.answer(request(method, path, token, Body::from(body.to_owned())))
         .await
-        .unwrap();
-    let content_type = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    Answer {
-        status: resp.status(),
-        content_type,
-        body: resp
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    }
 }
 
 fn document() -> Value {

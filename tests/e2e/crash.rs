@@ -242,14 +242,15 @@ async fn every_kind_of_task_killed_midway_finishes_or_unwinds_at_restart() {
         },
     );
     let (a, b) = (new_id(), new_id());
-    for (id, name) in [(&a, "crash-a"), (&b, "crash-b")] {
-        let (s, r) = agent.create(create_body(id, name, "Crash-tasks-1")).await;
-        assert_eq!(s, 202, "{r}");
-    }
-    for id in [&a, &b] {
-        let (doc, _) = agent.wait_deployment(id, BOOT).await;
-        assert_eq!(doc["deployment_status"], json!("completed"), "{doc}");
-    }
+    agent
+        .deploy(
+            vec![
+                create_body(&a, "crash-a", "Crash-tasks-1"),
+                create_body(&b, "crash-b", "Crash-tasks-1"),
+            ],
+            BOOT,
+        )
+        .await;
     let (tap_a, tap_b) = (agent.tap(&a, 0), agent.tap(&b, 0));
 
     // An address added: the filter had it when the agent died; the guest gets it after.

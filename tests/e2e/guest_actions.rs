@@ -266,12 +266,7 @@ async fn restart_reset_ram_resize_console_cap_and_webhook_give_up() {
         .create(create_body(&b, "ga-beta", "Gu3st-actions"))
         .await;
     assert_eq!(s, 202, "{r}");
-    let ((da, _), (db, _)) = tokio::join!(
-        agent.wait_deployment(&a, BOOT),
-        agent.wait_deployment(&b, BOOT)
-    );
-    assert_eq!(da["deployment_status"], json!("completed"), "{da}");
-    assert_eq!(db["deployment_status"], json!("completed"), "{db}");
+    agent.wait_deployed(&[&a, &b], BOOT).await;
     eprintln!(
         "guest_actions power: deployed after {:?}",
         test_start.elapsed()
@@ -602,16 +597,15 @@ async fn reinstall_keeps_addresses_stop_timeout_powers_off_and_reconcile_reports
     );
     let ns = rig.netns.clone();
     let (c, d) = (new_id(), new_id());
-    for (id, name) in [(&c, "ga-gamma"), (&d, "ga-delta")] {
-        let (s, r) = agent.create(create_body(id, name, "Gu3st-keep-1")).await;
-        assert_eq!(s, 202, "{r}");
-    }
-    let ((dc, _), (dd, _)) = tokio::join!(
-        agent.wait_deployment(&c, BOOT),
-        agent.wait_deployment(&d, BOOT)
-    );
-    assert_eq!(dc["deployment_status"], json!("completed"), "{dc}");
-    assert_eq!(dd["deployment_status"], json!("completed"), "{dd}");
+    agent
+        .deploy(
+            vec![
+                create_body(&c, "ga-gamma", "Gu3st-keep-1"),
+                create_body(&d, "ga-delta", "Gu3st-keep-1"),
+            ],
+            BOOT,
+        )
+        .await;
     eprintln!(
         "guest_actions keep: deployed after {:?}",
         test_start.elapsed()

@@ -473,6 +473,39 @@ dns = ["{gw}"]
         self.post("/v1/vms", body).await
     }
 
+    /// Waits for the deployments of `ids` side by side; each must complete. Returns their
+    /// deployment documents in the order of `ids`.
+    pub async fn wait_deployed(&self, ids: &[&str], timeout: Duration) -> Vec<Value> {
+        let docs =
+            futures_util::future::join_all(ids.iter().map(|id| self.wait_deployment(id, timeout)))
+                .await;
+        docs.into_iter()
+            .zip(ids)
+            .map(|((doc, _), id)| {
+                assert_eq!(
+                    doc["deployment_status"],
+                    serde_json::json!("completed"),
+                    "deployment of {id}: {doc}"
+                );
+                doc
+            })
+            .collect()
+    }
+
+    /// Creates every VM of `bodies` (each admitted with 202) and waits until all of them
+    /// are deployed: the prologue of most tests.
+    pub async fn deploy(&self, bodies: Vec<Value>, timeout: Duration) -> Vec<Value> {
+        let mut ids = Vec::new();
+        for body in bodies {
+            let id = body["id"].as_str().expect("a body with an id").to_owned();
+            let (s, r) = self.create(body).await;
+            assert_eq!(s, 202, "create of {id}: {r}");
+            ids.push(id);
+        }
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.wait_deployed(&ids, timeout).await
+    }
+
     /// Polls the deployment document until it is completed or failed; returns it with every
     /// step name seen in progress.
     pub async fn wait_deployment(&self, id: &str, timeout: Duration) -> (Value, Vec<String>) {
@@ -779,4 +812,57 @@ pub fn spawn_in_netns<T: Send + 'static>(
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
         f()
     })
+}
+
+/// A UDP listener in a network namespace that records payloads until told to stop, so a
+/// slow guest (TCG, a loaded CI host) cannot send after a fixed window has closed.
+pub struct UdpObserver {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl UdpObserver {
+    /// Listens on `addr` (`ip:port`) inside `netns`; returns once it is bound.
+    pub fn start(netns: &str, addr: &str) -> UdpObserver {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let addr = addr.to_owned();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = spawn_in_netns(netns, move || {
+            let sock = std::net::UdpSocket::bind(&addr).expect("bind the observer");
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+            got
+        });
+        ready_rx.recv().expect("the observer is listening");
+        UdpObserver { stop, thread }
+    }
+
+    /// Keeps listening a second more for datagrams still in flight, then returns
+    /// everything received.
+    pub fn finish(self) -> Vec<String> {
+        std::thread::sleep(Duration::from_secs(1));
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Sends five UDP datagrams saying `mark` from the guest, bound to `source`; panics if the
+/// guest could not send them (so "nothing arrived" always means "dropped on the way").
+pub fn guest_udp(id: &str, source: &str, to: &str, port: u16, mark: &str) {
+    let script = format!(
+        "python3 -c \"import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         s.bind(('{source}',0))\nfor _ in range(5):\n  s.sendto(b'{mark}',('{to}',{port})); time.sleep(0.2)\" 2>&1"
+    );
+    let (code, out) = guest_sh(id, &script);
+    assert_eq!(code, 0, "{id} sent {mark} from {source}: {out}");
 }

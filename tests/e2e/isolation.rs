@@ -196,13 +196,16 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
     host_tools(tools.path());
     let agent = Agent::start("isolation", agent_options(&rig));
     let (a, b) = (new_id(), new_id());
-    for (id, name) in [(&a, "iso-a"), (&b, "iso-b")] {
-        let (s, r) = agent.create(create_body(id, name, "Is0lation-pw")).await;
-        assert_eq!(s, 202, "{r}");
-    }
+    agent
+        .deploy(
+            vec![
+                create_body(&a, "iso-a", "Is0lation-pw"),
+                create_body(&b, "iso-b", "Is0lation-pw"),
+            ],
+            BOOT,
+        )
+        .await;
     for id in [&a, &b] {
-        let (doc, _) = agent.wait_deployment(id, BOOT).await;
-        assert_eq!(doc["deployment_status"], json!("completed"), "{doc}");
         guest_tools(id);
     }
     let ns = rig.netns.clone();

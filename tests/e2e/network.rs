@@ -4,7 +4,7 @@
 //! it back after the host's network was flushed and the agent restarted.
 
 use std::io::Read;
-use std::net::{TcpListener, UdpSocket};
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -99,58 +99,6 @@ fn vxlan_diagnostics(id: &str, vni: u32) -> String {
     ));
     let (_, guest) = guest_sh(id, "ip -br addr; ip -br link; ip route; ip neigh");
     format!("{host}\n--- guest\n{guest}")
-}
-
-/// A UDP listener on the observer port that records payloads until told to stop, so a
-/// slow guest (TCG, a loaded CI host) cannot send after a fixed window has closed.
-struct Observer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<String>>,
-}
-
-impl Observer {
-    fn start(rig: &Rig) -> Observer {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let addr = format!("{}:9999", rig.addr(OBSERVER));
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let flag = stop.clone();
-        let thread = spawn_in_netns("hvobs", move || {
-            let sock = UdpSocket::bind(&addr).expect("bind observer");
-            sock.set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            ready_tx.send(()).unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 256];
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok(n) = sock.recv(&mut buf) {
-                    got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-                }
-            }
-            got
-        });
-        ready_rx.recv().expect("observer is listening");
-        Observer { stop, thread }
-    }
-
-    /// Keeps listening for a grace period for datagrams still in flight, then returns
-    /// everything received.
-    fn finish(self) -> Vec<String> {
-        std::thread::sleep(Duration::from_secs(1));
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().unwrap()
-    }
-}
-
-/// Sends five UDP datagrams saying `mark` from the guest, bound to `source`; panics if the
-/// guest could not send them (so "nothing arrived" always means "dropped on the way").
-fn guest_udp(id: &str, source: &str, observer: &str, mark: &str) {
-    let script = format!(
-        "python3 -c \"import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
-         s.bind(('{source}',0))\nfor _ in range(5):\n  s.sendto(b'{mark}',('{observer}',9999)); time.sleep(0.2)\""
-    );
-    let (code, out) = guest_sh(id, &format!("{script} 2>&1"));
-    assert_eq!(code, 0, "the guest sent {mark} from {source}: {out}");
 }
 
 /// Measures the guest's upload to a receiver on the rig's bridge address, in Mbit/s,
@@ -352,10 +300,7 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     let a = create_vm(&agent, "net-a", Some(50)).await;
     let b = create_vm(&agent, "net-b", None).await;
     let c = create_vm(&agent, "net-c", None).await;
-    for id in [&a, &b, &c] {
-        let (doc, _) = agent.wait_deployment(id, BOOT).await;
-        assert_eq!(doc["deployment_status"], json!("completed"), "{doc}");
-    }
+    agent.wait_deployed(&[&a, &b, &c], BOOT).await;
     let ns = rig.netns.clone();
     // A's plan limit is on its tap from its first boot, both ways (this agent owns the
     // namespace's IFBs: other tests' agents create none).
@@ -435,8 +380,8 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
     let check_spoofing = |label: &'static str| {
         let (a, ip_a, observer, rig) = (a.clone(), ip_a.clone(), observer.clone(), rig.clone());
         async move {
-            let seen = Observer::start(&rig);
-            guest_udp(&a, &ip_a, &observer, "legit");
+            let seen = UdpObserver::start("hvobs", &format!("{observer}:9999"));
+            guest_udp(&a, &ip_a, &observer, 9999, "legit");
             assert!(
                 seen.finish().contains(&"legit".to_string()),
                 "{label}: own address passes"
@@ -444,8 +389,8 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
 
             let forged = rig.addr(FOREIGN);
             guest_sh(&a, &format!("ip addr add {forged}/32 dev eth0"));
-            let seen = Observer::start(&rig);
-            guest_udp(&a, &forged, &observer, "forged-ip");
+            let seen = UdpObserver::start("hvobs", &format!("{observer}:9999"));
+            guest_udp(&a, &forged, &observer, 9999, "forged-ip");
             assert!(
                 seen.finish().is_empty(),
                 "{label}: a foreign source address is dropped"
@@ -459,8 +404,8 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
             guest_sh(&a, &format!(
                 "ip link set eth0 down; ip link set eth0 address 52:54:00:66:66:66; ip link set eth0 up; \
                  ip neigh replace {observer} lladdr {} dev eth0 nud permanent", obs_mac.trim()));
-            let seen = Observer::start(&rig);
-            guest_udp(&a, &ip_a, &observer, "forged-mac");
+            let seen = UdpObserver::start("hvobs", &format!("{observer}:9999"));
+            guest_udp(&a, &ip_a, &observer, 9999, "forged-mac");
             assert!(seen.finish().is_empty(), "{label}: a forged MAC is dropped");
             guest_sh(
                 &a,

@@ -27,12 +27,9 @@ async fn reinstall_keeps_identity_and_resize_grows_what_the_guest_sees() {
         },
     );
     let id = new_id();
-    let (s, created) = agent
-        .create(create_body(&id, "reinstall-me", "First-pass-1"))
+    agent
+        .deploy(vec![create_body(&id, "reinstall-me", "First-pass-1")], BOOT)
         .await;
-    assert_eq!(s, 202, "{created}");
-    let (doc, _) = agent.wait_deployment(&id, BOOT).await;
-    assert_eq!(doc["deployment_status"], json!("completed"), "{doc}");
     let (_, before) = agent.get(&format!("/v1/vms/{id}")).await;
     let (_, first_instance) = guest_sh(&id, "cat /var/lib/cloud/data/instance-id");
     let (code, _) = guest_sh(&id, "echo original > /root/marker && sync");

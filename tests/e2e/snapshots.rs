@@ -93,12 +93,9 @@ async fn snapshots_roll_back_exactly_and_errors_change_nothing() {
         },
     );
     let id = new_id();
-    let (s, created) = agent
-        .create(create_body(&id, "snappy", "Snap-pass-1"))
+    agent
+        .deploy(vec![create_body(&id, "snappy", "Snap-pass-1")], BOOT)
         .await;
-    assert_eq!(s, 202, "{created}");
-    let (doc, _) = agent.wait_deployment(&id, BOOT).await;
-    assert_eq!(doc["deployment_status"], json!("completed"), "{doc}");
     let snaps = format!("/v1/vms/{id}/snapshots");
     let mut timings = Vec::new();
 

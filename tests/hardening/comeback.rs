@@ -7,7 +7,6 @@
 //! and a QEMU killed again and again is left stopped after `autorestart.max_restarts`. Here
 //! (one test at a time) because it restarts libvirtd and removes the rig's bridge.
 
-use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -98,47 +97,6 @@ async fn wait_status(agent: &Agent, id: &str, want: &str, within: Duration) -> b
     false
 }
 
-/// What arrived at a UDP listener on the rig's bridge address while `send` ran in the
-/// guest, and a second after.
-fn received_while(rig: &Rig, port: u16, send: impl FnOnce()) -> Vec<String> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    let addr = format!("{}:{port}", rig.gateway);
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let listener = spawn_in_netns(&rig.netns, move || {
-        let sock = UdpSocket::bind(&addr).expect("bind the listener");
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        ready_tx.send(()).unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 256];
-        while !flag.load(Ordering::Relaxed) {
-            if let Ok(n) = sock.recv(&mut buf) {
-                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-        got
-    });
-    ready_rx.recv().unwrap();
-    send();
-    std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    listener.join().unwrap()
-}
-
-/// Five datagrams saying `mark` from the guest, bound to `source`; panics if the guest
-/// could not send them (so "nothing arrived" means "dropped on the way").
-fn guest_udp(id: &str, source: &str, to: &str, port: u16, mark: &str) {
-    let script = format!(
-        "python3 -c \"import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
-         s.bind(('{source}',0))\nfor _ in range(5):\n  s.sendto(b'{mark}',('{to}',{port})); time.sleep(0.2)\" 2>&1"
-    );
-    let (code, out) = guest_sh(id, &script);
-    assert_eq!(code, 0, "{id} sent {mark} from {source}: {out}");
-}
-
 /// Simulates a host reboot under a stopped agent: every domain of the test destroyed,
 /// the agent's filter tables and the rig's bridge removed, libvirtd restarted (it forgets
 /// why each domain stopped), and the host's network configuration (the rig) brought up
@@ -187,24 +145,17 @@ async fn vpses_come_back_after_a_qemu_crash_and_a_host_reboot_and_stay_off_when_
     let (a, b, c, d) = (new_id(), new_id(), new_id(), new_id());
     let mut body_c = create_body(&c, "cb-gamma", "C0me-back-c");
     body_c["autostart"] = json!(false);
-    for body in [
-        create_body(&a, "cb-alpha", "C0me-back-a"),
-        create_body(&b, "cb-beta", "C0me-back-b"),
-        body_c,
-        create_body(&d, "cb-delta", "C0me-back-d"),
-    ] {
-        let (s, r) = agent.create(body).await;
-        assert_eq!(s, 202, "{r}");
-    }
-    let ((da, _), (db, _), (dc, _), (dd, _)) = tokio::join!(
-        agent.wait_deployment(&a, BOOT),
-        agent.wait_deployment(&b, BOOT),
-        agent.wait_deployment(&c, BOOT),
-        agent.wait_deployment(&d, BOOT)
-    );
-    for doc in [&da, &db, &dc, &dd] {
-        assert_eq!(doc["deployment_status"], json!("completed"), "{doc}");
-    }
+    agent
+        .deploy(
+            vec![
+                create_body(&a, "cb-alpha", "C0me-back-a"),
+                create_body(&b, "cb-beta", "C0me-back-b"),
+                body_c,
+                create_body(&d, "cb-delta", "C0me-back-d"),
+            ],
+            BOOT,
+        )
+        .await;
     // autostart through resize, alone: on, off again; a bad value changes nothing.
     let (s, r) = agent
         .post(&format!("/v1/vms/{c}/resize"), json!({"autostart": "yes"}))
@@ -387,10 +338,10 @@ async fn vpses_come_back_after_a_qemu_crash_and_a_host_reboot_and_stay_off_when_
     let spoofed = rig.addr(198);
     let (code, out) = guest_sh(&a, &format!("ip addr add {spoofed}/32 dev eth0"));
     assert_eq!(code, 0, "{out}");
-    let got = received_while(&rig, 9997, || {
-        guest_udp(&a, &ip_a, &rig.gateway, 9997, "legit");
-        guest_udp(&a, &spoofed, &rig.gateway, 9997, "spoofed");
-    });
+    let seen = UdpObserver::start(&rig.netns, &format!("{}:9997", rig.gateway));
+    guest_udp(&a, &ip_a, &rig.gateway, 9997, "legit");
+    guest_udp(&a, &spoofed, &rig.gateway, 9997, "spoofed");
+    let got = seen.finish();
     assert!(
         got.iter().any(|m| m == "legit"),
         "A's own address crosses after the reboot: {got:?}"
