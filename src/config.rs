@@ -411,7 +411,8 @@ pub struct ReconcileConfig {
 pub struct MetricsConfig {
     /// How often the sampler sweeps every running VM.
     pub interval_ms: u64,
-    /// How long one VM's QMP `query-status` may take before the sweep goes on without it.
+    /// How long one VM's QMP `query-status`, and the bulk stats call, may take before the
+    /// sweep goes on without it.
     pub qmp_timeout_ms: u64,
 }
 

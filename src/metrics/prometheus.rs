@@ -307,7 +307,7 @@ pub fn render(s: &Scrape) -> String {
     o.family(
         "hvnode_sampler_qmp_timeouts_total",
         "counter",
-        "query-status calls that did not answer in time.",
+        "query-status and bulk stats calls that did not answer in time (a hung QEMU).",
     );
     o.sample(
         "hvnode_sampler_qmp_timeouts_total",

@@ -4,8 +4,9 @@
 //! (`virConnectGetAllDomainStats`, which skips a domain whose monitor is busy instead of
 //! waiting for it) and asks each running domain's QEMU for `query-status` through
 //! libvirt's monitor passthrough, all of them at once, each with its own timeout. A VM
-//! whose previous query has not come back yet is not asked again, so a hung QEMU costs
-//! one blocked worker, never the sweep. Readers take the latest sweep from memory; nothing
+//! whose previous query has not come back yet is not asked again, and the bulk call has
+//! the same timeout (the first call to reach a hung QEMU's monitor waits on it), so a
+//! hung QEMU costs a blocked worker or two, never the sweep. Readers take the latest sweep from memory; nothing
 //! they do waits for libvirt unless the latest sweep is older than the interval, and then
 //! they join the sweep in progress rather than start another.
 
@@ -56,6 +57,9 @@ pub struct SweepFigures {
     pub qmp_timeouts: u64,
 }
 
+/// Bulk stats calls a sweep may leave waiting on hung monitors.
+const MAX_BULK_INFLIGHT: usize = 3;
+
 #[derive(Default)]
 struct Latest {
     samples: HashMap<Uuid, Sample>,
@@ -78,6 +82,8 @@ struct Inner {
     /// One sweep at a time; on-demand callers wait here and then reuse its result.
     sweeping: tokio::sync::Mutex<()>,
     qmp_inflight: Mutex<HashSet<Uuid>>,
+    /// Bulk stats calls not yet returned (see `bulk_stats`).
+    bulk_inflight: std::sync::atomic::AtomicUsize,
     /// Bumped after every sweep; streams wait on it.
     ticks: watch::Sender<u64>,
 }
@@ -106,6 +112,7 @@ impl Sampler {
                 figures: Mutex::new(SweepFigures::default()),
                 sweeping: tokio::sync::Mutex::new(()),
                 qmp_inflight: Mutex::new(HashSet::new()),
+                bulk_inflight: Default::default(),
                 ticks: watch::channel(0).0,
             }),
         }
@@ -211,7 +218,7 @@ impl Sampler {
             },
             None => None,
         };
-        let stats = match self.inner.hv.all_stats().await {
+        let stats = match self.bulk_stats().await {
             Ok(mut s) => {
                 if let Some(owned) = &owned {
                     s.retain(|d| owned.contains(&d.id));
@@ -282,6 +289,38 @@ impl Sampler {
         });
         self.inner.ticks.send_modify(|t| *t += 1);
         n
+    }
+
+    /// The bulk stats call, bounded by the QMP timeout. libvirt skips a domain whose
+    /// monitor another call holds, but the call that takes a hung QEMU's monitor first
+    /// waits for it forever: that call is left behind (one blocked worker, the monitor
+    /// stays held) and asked once more, which then skips the hung domain. At most
+    /// `MAX_BULK_INFLIGHT` calls are ever left behind (a QEMU being killed blocks every
+    /// call for a while): beyond, the sweep fails at once and readers keep the last one.
+    async fn bulk_stats(&self) -> Result<Vec<DomainStats>, String> {
+        use std::sync::atomic::Ordering;
+        for _ in 0..2 {
+            let inflight = &self.inner.bulk_inflight;
+            if inflight.fetch_add(1, Ordering::AcqRel) >= MAX_BULK_INFLIGHT {
+                inflight.fetch_sub(1, Ordering::AcqRel);
+                return Err("earlier domain stats calls have not come back".into());
+            }
+            let inner = self.inner.clone();
+            let call = tokio::spawn(async move {
+                let r = inner.hv.all_stats().await;
+                inner.bulk_inflight.fetch_sub(1, Ordering::AcqRel);
+                r
+            });
+            match tokio::time::timeout(self.inner.qmp_timeout, call).await {
+                Ok(Ok(answer)) => return answer.map_err(|e| e.to_string()),
+                Ok(Err(e)) => return Err(format!("domain stats worker failed: {e}")),
+                Err(_) => {
+                    tracing::warn!("domain stats timed out; a VM's QEMU may hang");
+                    self.update_figures(|f| f.qmp_timeouts += 1);
+                }
+            }
+        }
+        Err("domain stats timed out twice".into())
     }
 
     /// `query-status` of every running domain at once, each bounded by the QMP timeout.

@@ -159,6 +159,8 @@ impl Default for StopOptions {
 /// Stops the domain as a customer's stop does: an ACPI shutdown the guest may take
 /// `stop.timeout_s` to finish, then a power-off; `stop.force` powers off at once. A paused
 /// guest is resumed first (it cannot see the power button); an off domain is left alone.
+/// A button libvirt cannot press (a hung QEMU holds its monitor, so the request times out
+/// waiting for it) is not worth waiting on: the domain is powered off at once.
 pub(crate) async fn shutdown(
     ctx: &Ctx,
     id: Uuid,
@@ -171,28 +173,41 @@ pub(crate) async fn shutdown(
             .await
             .map_err(|e| VmError::hypervisor(op, e))
     };
+    let unheard = |what: &str, e: HypervisorError| match e {
+        HypervisorError::Unavailable { .. } => Err(VmError::hypervisor(op, e)),
+        other => {
+            tracing::warn!(vps = %id, error = %other,
+                "{what} could not be delivered; powering off");
+            Ok(())
+        }
+    };
+    let mut ask = !stop.force;
     match power().await? {
         Some(PowerState::Shutoff | PowerState::Crashed) | None => return Ok(()),
-        Some(PowerState::Paused) if !stop.force => {
-            hv.resume(id)
-                .await
-                .map_err(|e| VmError::hypervisor(op, e))?;
+        Some(PowerState::Paused) if ask => {
+            if let Err(e) = hv.resume(id).await {
+                unheard("resume before the ACPI shutdown", e)?;
+                ask = false;
+            }
         }
         _ => {}
     }
-    if !stop.force {
-        hv.shutdown(id)
-            .await
-            .map_err(|e| VmError::hypervisor(op, e))?;
-        let deadline = Instant::now() + Duration::from_secs(stop.timeout_s);
-        while Instant::now() < deadline {
-            if matches!(power().await?, Some(PowerState::Shutoff) | None) {
-                return Ok(());
+    if ask {
+        match hv.shutdown(id).await {
+            Ok(()) => {
+                let deadline = Instant::now() + Duration::from_secs(stop.timeout_s);
+                while Instant::now() < deadline {
+                    if matches!(power().await?, Some(PowerState::Shutoff) | None) {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                tracing::warn!(vps = %id, timeout_s = stop.timeout_s,
+                    "guest ignored ACPI shutdown; powering off");
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            Err(HypervisorError::NoDomain(_)) => return Ok(()),
+            Err(e) => unheard("ACPI shutdown", e)?,
         }
-        tracing::warn!(vps = %id, timeout_s = stop.timeout_s,
-            "guest ignored ACPI shutdown; powering off");
     }
     ensure_off(ctx, id, op).await
 }

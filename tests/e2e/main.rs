@@ -12,6 +12,7 @@ mod edge;
 mod frames;
 mod guest_actions;
 mod harness;
+mod hung_qemu;
 mod isolation;
 mod lifecycle;
 mod network;
