@@ -118,6 +118,23 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
+/// `err` with every cause under it, `: `-separated, for the log: a wrapped libvirt or I/O
+/// error keeps its own words.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        // Transparent wrappers repeat their source's words.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::ErrorCode;

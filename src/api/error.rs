@@ -77,13 +77,14 @@ impl From<VmError> for ApiError {
         // Host paths, library and store errors are the operator's to read in the log; the
         // answer carries what a customer may see.
         let message = match &e {
-            VmError::Internal(detail) => {
-                tracing::error!(error = %detail, "internal error");
+            VmError::Internal(_) | VmError::Store(_) => {
+                tracing::error!(error = %crate::errors::chain(&e), "internal error");
                 "internal error; the agent's log has the details".to_owned()
             }
             other => {
                 if http_status(code).is_server_error() {
-                    tracing::error!(code = code.as_str(), error = %other, "request failed");
+                    tracing::error!(code = code.as_str(), error = %crate::errors::chain(other),
+                        "request failed");
                 }
                 other.public_message()
             }

@@ -46,7 +46,7 @@ use uuid::Uuid;
 use crate::store::{self, StepState, Store, TaskRow, TaskState};
 
 /// An error a step can fail with: it carries the contract's error code for the task record.
-pub trait TaskFailure: std::error::Error + Send + Sync + 'static {
+pub trait TaskFailure: std::error::Error + Send + Sync + Sized + 'static {
     fn code(&self) -> &'static str;
     /// What the journal keeps and the task's documents and webhooks show: safe for a
     /// customer to read. The full error (`Display`) goes to the log.
@@ -60,6 +60,11 @@ pub trait TaskFailure: std::error::Error + Send + Sync + 'static {
     fn is_cancelled(&self) -> bool;
     /// An error read back from the journal (a task that was unwinding when the agent died).
     fn from_record(code: &str, message: &str) -> Self;
+    /// The same error as the failure of a task of `kind`, which decides its code (a step
+    /// shared by several operations fails each as itself).
+    fn in_task(self, _kind: &str) -> Self {
+        self
+    }
 }
 
 /// What a step may consult while it runs.
@@ -372,12 +377,13 @@ impl TaskEngine {
                     self.faults.hit(kind, name, faults::Moment::After);
                 }
                 Err(err) => {
+                    let err = err.in_task(kind);
                     let message = err.public_message();
                     if err.is_cancelled() {
                         tracing::info!(task = %journal.task, kind, step = name, "task cancelled");
                     } else {
-                        tracing::warn!(task = %journal.task, kind, step = name, error = %err,
-                            "task step failed");
+                        tracing::warn!(task = %journal.task, kind, step = name,
+                            error = %crate::errors::chain(&err), "task step failed");
                     }
                     // The error is committed before anything is undone, so a crash during
                     // the unwinding resumes the unwinding. Journal failures from here on
@@ -414,7 +420,8 @@ impl TaskEngine {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(task = %journal.task, step = name, error = %e, "undo failed");
+                    tracing::error!(task = %journal.task, step = name,
+                        error = %crate::errors::chain(&e), "undo failed");
                     log_store(
                         journal
                             .step(i, StepState::Failed, Some(&format!("undo failed: {e}")))

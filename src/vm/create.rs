@@ -226,11 +226,8 @@ impl CreateOp {
     }
 
     /// A failure of the host's machinery (its detail stays in the log).
-    fn host(&self, detail: String) -> VmError {
-        VmError::Host {
-            op: Op::Deploy,
-            detail,
-        }
+    fn host(&self, what: &str, cause: impl Into<super::error::Cause>) -> VmError {
+        VmError::host(Op::Deploy, what, cause)
     }
 
     fn fail(&self, message: impl Into<String>) -> VmError {
@@ -250,12 +247,12 @@ impl CreateOp {
             .images
             .get(&vm.template_id)
             .await
-            .map_err(|e| self.host(e.to_string()))?;
+            .map_err(|e| self.host("the template could not be read", e))?;
         self.ctx
             .images
             .verify(&template)
             .await
-            .map_err(|e| self.host(e.to_string()))?;
+            .map_err(|e| self.host("the template failed its check", e))?;
         if !self.ctx.hv.connected().await {
             return Err(VmError::HypervisorUnavailable(format!(
                 "cannot reach libvirt at {}",
@@ -296,7 +293,7 @@ impl CreateOp {
             .images
             .get(&vm.template_id)
             .await
-            .map_err(|e| self.host(e.to_string()))?;
+            .map_err(|e| self.host("the template could not be read", e))?;
         self.ctx
             .disks
             .create_disk(vm.id, &template, vm.disk_gb)

@@ -126,9 +126,8 @@ impl Operation for DeleteOp {
             DeleteStep::RemoveNetwork => {
                 if let Ok(vm) = ctx.vm(id).await {
                     for nic in net::load(ctx, &vm).await?.all() {
-                        ctx.net.remove_nic(&nic).await.map_err(|e| VmError::Host {
-                            op: Op::Delete,
-                            detail: e.to_string(),
+                        ctx.net.remove_nic(&nic).await.map_err(|e| {
+                            VmError::host(Op::Delete, "a network device could not be removed", e)
                         })?;
                     }
                 }

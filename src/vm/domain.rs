@@ -37,9 +37,12 @@ pub(crate) fn domain_xml_for(ctx: &Ctx, vm: &VmRow, net: &VmNet) -> Result<Strin
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         other => other,
     }
-    .map_err(|e| VmError::Host {
-        op: Op::Deploy,
-        detail: format!("cannot read the backing file of {}: {e}", disk.display()),
+    .map_err(|e| {
+        VmError::host(
+            Op::Deploy,
+            format!("cannot read the backing file of {}", disk.display()),
+            e,
+        )
     })?;
     let cpu_mode = match lv.accelerator {
         crate::config::Accelerator::Tcg => None,

@@ -126,10 +126,7 @@ pub(crate) async fn desired(ctx: &Ctx, exclude: &[Uuid]) -> Result<DesiredNetwor
 }
 
 fn net_err(op: Op) -> impl Fn(network::NetworkError) -> VmError {
-    move |e| VmError::Host {
-        op,
-        detail: e.to_string(),
-    }
+    move |e| VmError::host(op, "the VM's network devices could not be configured", e)
 }
 
 /// Rebuilds the anti-spoofing table from the store (without the VMs in `exclude`).

@@ -95,7 +95,7 @@ impl VmManager {
             tokio::task::spawn_blocking(move || cloudinit::hash_password(&password))
                 .await
                 .map_err(|e| VmError::Internal(e.to_string()))?
-                .map_err(|e| VmError::cloud_init(Op::Deploy, e))?;
+                .map_err(|e| VmError::cloud_init(Op::Reinstall, e))?;
         let input = ReinstallInput {
             template_id,
             password_hash,
@@ -148,7 +148,7 @@ impl ReinstallOp {
     }
 
     fn hv(e: HypervisorError) -> VmError {
-        VmError::hypervisor(Op::Deploy, e)
+        VmError::hypervisor(Op::Reinstall, e)
     }
 
     /// The VM as it will be once reinstalled.
@@ -172,27 +172,24 @@ impl ReinstallOp {
         if !prev.exists() {
             tokio::fs::rename(&disk, &prev)
                 .await
-                .map_err(|e| VmError::Host {
-                    op: Op::Deploy,
-                    detail: format!("cannot set the old disk aside: {e}"),
-                })?;
+                .map_err(|e| VmError::host(Op::Reinstall, "cannot set the old disk aside", e))?;
         }
         let template = self
             .ctx
             .images
             .get(&self.input.template_id)
             .await
-            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+            .map_err(|e| VmError::storage(Op::Reinstall, e))?;
         self.ctx
             .disks
             .create_disk(self.id, &template, vm.disk_gb)
             .await
-            .map_err(|e| VmError::storage(Op::Deploy, e))?;
-        define(&self.ctx, &self.next(vm), Op::Deploy).await
+            .map_err(|e| VmError::storage(Op::Reinstall, e))?;
+        define(&self.ctx, &self.next(vm), Op::Reinstall).await
     }
 
     async fn restore_disk(&self, vm: &VmRow) -> Result<(), VmError> {
-        ensure_off(&self.ctx, self.id, Op::Deploy).await?;
+        ensure_off(&self.ctx, self.id, Op::Reinstall).await?;
         let prev = self.prev_disk();
         if prev.exists() {
             let disk = self.ctx.disks.disk_path(self.id);
@@ -200,7 +197,7 @@ impl ReinstallOp {
                 .await
                 .map_err(|e| VmError::Internal(format!("cannot restore the old disk: {e}")))?;
         }
-        define(&self.ctx, vm, Op::Deploy).await
+        define(&self.ctx, vm, Op::Reinstall).await
     }
 
     async fn finalize(&self) -> Result<(), VmError> {
@@ -226,7 +223,7 @@ impl ReinstallOp {
             .await?;
         crate::storage::remove_file_if_exists(&self.prev_disk())
             .await
-            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+            .map_err(|e| VmError::storage(Op::Reinstall, e))?;
         tracing::info!(vps = %id, template = %self.input.template_id, "reinstall completed");
         Ok(())
     }
@@ -254,34 +251,34 @@ impl Operation for ReinstallOp {
                     .images
                     .get(&self.input.template_id)
                     .await
-                    .map_err(|e| VmError::storage(Op::Deploy, e))?;
+                    .map_err(|e| VmError::storage(Op::Reinstall, e))?;
                 self.ctx
                     .images
                     .verify(&t)
                     .await
-                    .map_err(|e| VmError::storage(Op::Deploy, e))
+                    .map_err(|e| VmError::storage(Op::Reinstall, e))
             }
             // The disk is about to be replaced: there is nothing to shut down gracefully for.
-            ReinstallStep::StopVm => ensure_off(&self.ctx, self.id, Op::Deploy).await,
+            ReinstallStep::StopVm => ensure_off(&self.ctx, self.id, Op::Reinstall).await,
             ReinstallStep::ReplaceDisk => self.replace_disk(&vm).await,
             ReinstallStep::ApplyCloudInit => write_seed(&self.ctx, &self.next(&vm)).await,
             ReinstallStep::StartVm => {
-                start_domain(&self.ctx, &vm, Op::Deploy).await?;
+                start_domain(&self.ctx, &vm, Op::Reinstall).await?;
                 match self.ctx.hv.power_state(self.id).await.map_err(Self::hv)? {
                     Some(PowerState::Running) => Ok(()),
                     other => Err(VmError::Failed {
-                        op: Op::Deploy,
+                        op: Op::Reinstall,
                         message: format!("domain is {other:?} after start"),
                     }),
                 }
             }
             ReinstallStep::WaitForGuestAgent => {
                 let template = self.next(&vm).template_id;
-                readiness::wait_for_guest_agent(&self.ctx, self.id, &template, ctx, Op::Deploy)
+                readiness::wait_for_guest_agent(&self.ctx, self.id, &template, ctx, Op::Reinstall)
                     .await
             }
             ReinstallStep::VerifyConnectivity => {
-                readiness::verify_connectivity(&self.ctx, vm.ip_address, ctx, Op::Deploy).await
+                readiness::verify_connectivity(&self.ctx, vm.ip_address, ctx, Op::Reinstall).await
             }
             ReinstallStep::Finalize => self.finalize().await,
         }
@@ -291,11 +288,11 @@ impl Operation for ReinstallOp {
         let vm = self.ctx.vm(self.id).await?;
         match step {
             ReinstallStep::StopVm if self.input.was_running => {
-                start_domain(&self.ctx, &vm, Op::Deploy).await
+                start_domain(&self.ctx, &vm, Op::Reinstall).await
             }
             ReinstallStep::ReplaceDisk => self.restore_disk(&vm).await,
             ReinstallStep::ApplyCloudInit => write_seed(&self.ctx, &vm).await,
-            ReinstallStep::StartVm => ensure_off(&self.ctx, self.id, Op::Deploy).await,
+            ReinstallStep::StartVm => ensure_off(&self.ctx, self.id, Op::Reinstall).await,
             // A VM that was off stays off; checks and waits take nothing back; finalize is
             // the last step (nothing after it can fail).
             ReinstallStep::StopVm

@@ -230,7 +230,7 @@ impl ResizeOp {
                 .disks
                 .grow_disk(self.id, new)
                 .await
-                .map_err(|e| VmError::storage(Op::Deploy, e)),
+                .map_err(|e| VmError::storage(Op::Resize, e)),
         }
     }
 
@@ -249,12 +249,12 @@ impl ResizeOp {
             .images
             .get(&vm.template_id)
             .await
-            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+            .map_err(|e| VmError::storage(Op::Resize, e))?;
         self.ctx
             .disks
             .remove_disk(self.id)
             .await
-            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+            .map_err(|e| VmError::storage(Op::Resize, e))?;
         // The snapshots lived in the erased disk.
         let id = self.id;
         self.ctx
@@ -265,7 +265,7 @@ impl ResizeOp {
             .disks
             .create_disk(self.id, &template, self.input.new.2)
             .await
-            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+            .map_err(|e| VmError::storage(Op::Resize, e))?;
         let (id, now) = (self.id, crate::time::now());
         let instance = format!("{id}-{}", Uuid::new_v4().simple());
         let fresh = crate::store::VmRow {
@@ -288,7 +288,7 @@ impl ResizeOp {
         let vm = self.ctx.vm(self.id).await?;
         if self.input.erase {
             if self.input.was_running && !running {
-                start_domain(&self.ctx, &vm, Op::Deploy).await?;
+                start_domain(&self.ctx, &vm, Op::Resize).await?;
             }
             return Ok(());
         }
@@ -297,14 +297,14 @@ impl ResizeOp {
         }
         let restart = Op::Action(super::state::Action::Restart);
         shutdown(&self.ctx, self.id, restart, StopOptions::default()).await?;
-        start_domain(&self.ctx, &vm, Op::Deploy).await
+        start_domain(&self.ctx, &vm, Op::Resize).await
     }
 
     /// Puts the old resources back (keeping a disk size that already took effect).
     async fn restore_resources(&self) -> Result<(), VmError> {
         let disk_now = crate::storage::virtual_size(&self.ctx.disks.disk_path(self.id))
             .await
-            .map_err(|e| VmError::storage(Op::Deploy, e))?;
+            .map_err(|e| VmError::storage(Op::Resize, e))?;
         let (old, new) = (self.input.old, self.input.new);
         let disk = if disk_now >= new.2 * GIB && new.2 > old.2 || self.input.erase {
             new.2
@@ -317,7 +317,7 @@ impl ResizeOp {
             .call(move |c| store::vms::set_resources(c, id, old.0, old.1, disk, &now))
             .await?;
         let vm = self.ctx.vm(self.id).await?;
-        define(&self.ctx, &vm, Op::Deploy).await
+        define(&self.ctx, &vm, Op::Resize).await
     }
 }
 
@@ -337,7 +337,7 @@ impl Operation for ResizeOp {
             ));
         }
         match step {
-            ResizeStep::ApplyDefinition => define(&self.ctx, &vm, Op::Deploy).await,
+            ResizeStep::ApplyDefinition => define(&self.ctx, &vm, Op::Resize).await,
             ResizeStep::ResizeDisk => self.resize_disk().await,
             ResizeStep::RestartVm => self.restart_vm().await,
         }
