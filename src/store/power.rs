@@ -107,6 +107,36 @@ pub fn all(conn: &Connection) -> Result<Vec<Power>> {
     rows.map(|r| finish(r?)).collect()
 }
 
+/// Every deployed VM with its intent (`None`: from before intents were recorded), in one
+/// query: what the keeper reads every interval.
+pub fn of_deployed(conn: &Connection) -> Result<Vec<(Uuid, Option<Power>)>> {
+    let mut stmt = conn.prepare(
+        "SELECT v.id, p.intended, p.autostart, p.last_stop_reason
+         FROM vms v LEFT JOIN power p ON p.vps_id = v.id
+         WHERE v.state = 'active' ORDER BY v.id",
+    )?;
+    let rows = stmt.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, Option<String>>(1)?,
+            row.get::<_, Option<bool>>(2)?,
+            row.get::<_, Option<String>>(3)?,
+        ))
+    })?;
+    rows.map(|r| {
+        let (id, intended, autostart, reason) = r?;
+        let vps_id: Uuid = id
+            .parse()
+            .map_err(|_| StoreError::Malformed(format!("vm id {id:?}")))?;
+        let power = match intended {
+            Some(intended) => Some(finish((id, intended, autostart.unwrap_or(true), reason))?),
+            None => None,
+        };
+        Ok((vps_id, power))
+    })
+    .collect()
+}
+
 /// A new VM's row: it should run once deployed.
 pub fn insert(conn: &Connection, id: Uuid, autostart: bool, now: &str) -> Result<()> {
     conn.execute(
@@ -202,6 +232,39 @@ mod tests {
         assert_eq!(all(&conn).unwrap().len(), 1);
         delete(&conn, id).unwrap();
         assert_eq!(get(&conn, id).unwrap(), None);
+    }
+
+    #[test]
+    fn the_keeper_reads_every_deployed_vm_with_its_intent_at_once() {
+        use super::super::vms::{self, tests::sample, VmRowState};
+        let conn = db();
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            vms::insert(&conn, &sample(*id, &format!("52:54:00:00:00:0{i}"))).unwrap();
+        }
+        // 0: deployed with an intent; 1: deployed before intents were recorded; 2: still
+        // deploying (not the keeper's).
+        vms::set_state(&conn, ids[0], VmRowState::Active, "t").unwrap();
+        vms::set_state(&conn, ids[1], VmRowState::Active, "t").unwrap();
+        insert(&conn, ids[0], false, "t").unwrap();
+        set_intended(&conn, ids[0], Intended::Paused, None, "t").unwrap();
+        insert(&conn, ids[2], true, "t").unwrap();
+        let mut got = of_deployed(&conn).unwrap();
+        got.sort_by_key(|(id, _)| *id);
+        let mut want = vec![
+            (
+                ids[0],
+                Some(Power {
+                    vps_id: ids[0],
+                    intended: Intended::Paused,
+                    autostart: false,
+                    last_stop_reason: None,
+                }),
+            ),
+            (ids[1], None),
+        ];
+        want.sort_by_key(|(id, _)| *id);
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -411,7 +411,7 @@ pub fn release_ips(conn: &Connection, vps_id: Uuid) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample(id: Uuid, mac: &str) -> VmRow {

@@ -25,8 +25,8 @@ use uuid::Uuid;
 
 use super::{TaskKind, VmError, VmManager};
 use crate::hypervisor::{DomainStats, OffReason, PowerState};
+use crate::store;
 use crate::store::power::{Intended, Power, StopReason};
-use crate::store::{self, VmRowState};
 
 /// What the keeper has done since the agent started, for `/metrics`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -124,16 +124,15 @@ impl VmManager {
             .into_iter()
             .map(|s| (s.id, s))
             .collect();
-        let (vms, powers) = self
+        let deployed = self
             .ctx
             .store
-            .call(|c| Ok((store::vms::list(c)?, store::power::all(c)?)))
+            .call(|c| store::power::of_deployed(c))
             .await?;
-        let mut powers: HashMap<Uuid, Power> = powers.into_iter().map(|p| (p.vps_id, p)).collect();
         let mut out = Vec::new();
-        for vm in vms.into_iter().filter(|v| v.state == VmRowState::Active) {
-            let state = states.get(&vm.id).cloned();
-            let power = match powers.remove(&vm.id) {
+        for (id, power) in deployed {
+            let state = states.get(&id).cloned();
+            let power = match power {
                 Some(p) => p,
                 None => {
                     let Some(s) = &state else { continue };
@@ -142,21 +141,21 @@ impl VmManager {
                         PowerState::Paused => Intended::Paused,
                         _ => Intended::Stopped,
                     };
-                    let (id, now) = (vm.id, crate::time::now());
+                    let now = crate::time::now();
                     self.ctx
                         .store
                         .call(move |c| store::power::set_intended(c, id, intended, None, &now))
                         .await?;
-                    tracing::info!(vps = %vm.id, intended = intended.as_str(), "recorded the intended state from libvirt");
+                    tracing::info!(vps = %id, intended = intended.as_str(), "recorded the intended state from libvirt");
                     Power {
-                        vps_id: vm.id,
+                        vps_id: id,
                         intended,
                         autostart: true,
                         last_stop_reason: None,
                     }
                 }
             };
-            out.push((vm.id, power, state));
+            out.push((id, power, state));
         }
         Ok(out)
     }
