@@ -106,6 +106,53 @@ macro_rules! steps {
     };
 }
 
+/// Steps of a family of tasks that share one operation (adding, removing and moving an
+/// address): each member is a `steps!` enum of its own, the family enum wraps them, and
+/// `LIST` is the member's steps in order, as the family's.
+///
+/// ```ignore
+/// crate::step_family! {
+///     pub(crate) enum IpStep {
+///         /// Adding an address.
+///         Add(AddStep) in ADD_STEPS { AllocateIp = "allocate_ip", UpdateFilter = "update_filter" },
+///         …
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! step_family {
+    ($(#[$meta:meta])* $vis:vis enum $family:ident {
+        $($(#[$mmeta:meta])* $member:ident($inner:ident) in $list:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $text:literal),* $(,)?
+        }),* $(,)?
+    }) => {
+        $(
+            $crate::steps! {
+                $(#[$mmeta])*
+                $vis enum $inner {
+                    $($(#[$vmeta])* $variant = $text,)*
+                }
+            }
+
+            $vis const $list: &[$family] = &[$($family::$member($inner::$variant),)*];
+        )*
+
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        $vis enum $family {
+            $($member($inner),)*
+        }
+
+        impl $crate::tasks::Step for $family {
+            fn name(self) -> &'static str {
+                match self {
+                    $($family::$member(s) => $crate::tasks::Step::name(s),)*
+                }
+            }
+        }
+    };
+}
+
 /// A long action as a sequence of named, idempotent steps, each with an undo.
 ///
 /// `run_step` and `undo_step` match on `Self::Step` exhaustively: a new step does not

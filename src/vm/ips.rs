@@ -97,78 +97,38 @@ pub struct IpMoved {
     pub to_vps_id: Uuid,
 }
 
-crate::steps! {
-    /// Adding an address: it is the VM's once allocated, then filtered, then in the guest.
-    pub(crate) enum AddStep {
-        AllocateIp = "allocate_ip",
-        UpdateFilter = "update_filter",
-        UpdateGuest = "update_guest",
+crate::step_family! {
+    /// A step of one of the three address tasks.
+    pub(crate) enum IpStep {
+        /// Adding an address: it is the VM's once allocated, then filtered, then in the
+        /// guest.
+        Add(AddStep) in ADD_STEPS {
+            AllocateIp = "allocate_ip",
+            UpdateFilter = "update_filter",
+            UpdateGuest = "update_guest",
+        },
+        /// Removing an address: held (never handed out) until the filter and the guest let
+        /// go.
+        Remove(RemoveStep) in REMOVE_STEPS {
+            MarkReleasing = "mark_releasing",
+            UpdateFilter = "update_filter",
+            UpdateGuest = "update_guest",
+            ForgetNeighbour = "forget_neighbour",
+            ReleaseIp = "release_ip",
+        },
+        /// Moving an address: out of the source's filter and guest before the target gets
+        /// it.
+        Move(MoveStep) in MOVE_STEPS {
+            MarkReleasing = "mark_releasing",
+            UpdateSourceFilter = "update_source_filter",
+            RemoveFromSource = "remove_from_source",
+            Reassign = "reassign",
+            UpdateTargetFilter = "update_target_filter",
+            ForgetNeighbour = "forget_neighbour",
+            AddToTarget = "add_to_target",
+        },
     }
 }
-
-crate::steps! {
-    /// Removing an address: held (never handed out) until the filter and the guest let go.
-    pub(crate) enum RemoveStep {
-        MarkReleasing = "mark_releasing",
-        UpdateFilter = "update_filter",
-        UpdateGuest = "update_guest",
-        ForgetNeighbour = "forget_neighbour",
-        ReleaseIp = "release_ip",
-    }
-}
-
-crate::steps! {
-    /// Moving an address: out of the source's filter and guest before the target gets it.
-    pub(crate) enum MoveStep {
-        MarkReleasing = "mark_releasing",
-        UpdateSourceFilter = "update_source_filter",
-        RemoveFromSource = "remove_from_source",
-        Reassign = "reassign",
-        UpdateTargetFilter = "update_target_filter",
-        ForgetNeighbour = "forget_neighbour",
-        AddToTarget = "add_to_target",
-    }
-}
-
-/// A step of one of the three address tasks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum IpStep {
-    Add(AddStep),
-    Remove(RemoveStep),
-    Move(MoveStep),
-}
-
-impl crate::tasks::Step for IpStep {
-    fn name(self) -> &'static str {
-        match self {
-            IpStep::Add(s) => s.name(),
-            IpStep::Remove(s) => s.name(),
-            IpStep::Move(s) => s.name(),
-        }
-    }
-}
-
-const ADD_STEPS: &[IpStep] = &[
-    IpStep::Add(AddStep::AllocateIp),
-    IpStep::Add(AddStep::UpdateFilter),
-    IpStep::Add(AddStep::UpdateGuest),
-];
-const REMOVE_STEPS: &[IpStep] = &[
-    IpStep::Remove(RemoveStep::MarkReleasing),
-    IpStep::Remove(RemoveStep::UpdateFilter),
-    IpStep::Remove(RemoveStep::UpdateGuest),
-    IpStep::Remove(RemoveStep::ForgetNeighbour),
-    IpStep::Remove(RemoveStep::ReleaseIp),
-];
-const MOVE_STEPS: &[IpStep] = &[
-    IpStep::Move(MoveStep::MarkReleasing),
-    IpStep::Move(MoveStep::UpdateSourceFilter),
-    IpStep::Move(MoveStep::RemoveFromSource),
-    IpStep::Move(MoveStep::Reassign),
-    IpStep::Move(MoveStep::UpdateTargetFilter),
-    IpStep::Move(MoveStep::ForgetNeighbour),
-    IpStep::Move(MoveStep::AddToTarget),
-];
 
 fn parse_address(s: &str) -> Result<IpAddr, VmError> {
     s.parse().map_err(|_| {

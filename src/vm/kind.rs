@@ -202,6 +202,57 @@ mod tests {
     }
 
     #[test]
+    fn address_and_nic_steps_keep_their_names() {
+        use super::super::ips::{ADD_STEPS, MOVE_STEPS, REMOVE_STEPS};
+        use super::super::private_nics::{ATTACH_STEPS, DETACH_STEPS};
+        use crate::tasks::step_names;
+        assert_eq!(
+            step_names(ADD_STEPS),
+            ["allocate_ip", "update_filter", "update_guest"]
+        );
+        assert_eq!(
+            step_names(REMOVE_STEPS),
+            [
+                "mark_releasing",
+                "update_filter",
+                "update_guest",
+                "forget_neighbour",
+                "release_ip"
+            ]
+        );
+        assert_eq!(
+            step_names(MOVE_STEPS),
+            [
+                "mark_releasing",
+                "update_source_filter",
+                "remove_from_source",
+                "reassign",
+                "update_target_filter",
+                "forget_neighbour",
+                "add_to_target"
+            ]
+        );
+        assert_eq!(
+            step_names(ATTACH_STEPS),
+            [
+                "ensure_segment",
+                "update_filter",
+                "plug_nic",
+                "update_guest"
+            ]
+        );
+        assert_eq!(
+            step_names(DETACH_STEPS),
+            [
+                "update_guest",
+                "unplug_nic",
+                "release_member",
+                "update_filter"
+            ]
+        );
+    }
+
+    #[test]
     fn power_actions_keep_their_names() {
         for a in Action::ALL {
             assert_eq!(TaskKind::from(a).as_str(), a.as_str());

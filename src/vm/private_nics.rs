@@ -144,55 +144,26 @@ impl VmManager {
     }
 }
 
-crate::steps! {
-    /// Joining a private network: the segment exists, the filter knows the NIC before it is
-    /// plugged, then the guest configures it.
-    pub(crate) enum AttachStep {
-        EnsureSegment = "ensure_segment",
-        UpdateFilter = "update_filter",
-        PlugNic = "plug_nic",
-        UpdateGuest = "update_guest",
+crate::step_family! {
+    /// A step of an attach or a detach.
+    pub(crate) enum NicStep {
+        /// Joining a private network: the segment exists, the filter knows the NIC before
+        /// it is plugged, then the guest configures it.
+        Attach(AttachStep) in ATTACH_STEPS {
+            EnsureSegment = "ensure_segment",
+            UpdateFilter = "update_filter",
+            PlugNic = "plug_nic",
+            UpdateGuest = "update_guest",
+        },
+        /// Leaving one: the guest lets go of the NIC before it is unplugged and forgotten.
+        Detach(DetachStep) in DETACH_STEPS {
+            UpdateGuest = "update_guest",
+            UnplugNic = "unplug_nic",
+            ReleaseMember = "release_member",
+            UpdateFilter = "update_filter",
+        },
     }
 }
-
-crate::steps! {
-    /// Leaving one: the guest lets go of the NIC before it is unplugged and forgotten.
-    pub(crate) enum DetachStep {
-        UpdateGuest = "update_guest",
-        UnplugNic = "unplug_nic",
-        ReleaseMember = "release_member",
-        UpdateFilter = "update_filter",
-    }
-}
-
-/// A step of an attach or a detach.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum NicStep {
-    Attach(AttachStep),
-    Detach(DetachStep),
-}
-
-impl crate::tasks::Step for NicStep {
-    fn name(self) -> &'static str {
-        match self {
-            NicStep::Attach(s) => s.name(),
-            NicStep::Detach(s) => s.name(),
-        }
-    }
-}
-
-const ATTACH_STEPS: &[NicStep] = &[
-    NicStep::Attach(AttachStep::EnsureSegment),
-    NicStep::Attach(AttachStep::UpdateFilter),
-    NicStep::Attach(AttachStep::PlugNic),
-    NicStep::Attach(AttachStep::UpdateGuest),
-];
-const DETACH_STEPS: &[NicStep] = &[
-    NicStep::Detach(DetachStep::UpdateGuest),
-    NicStep::Detach(DetachStep::UnplugNic),
-    NicStep::Detach(DetachStep::ReleaseMember),
-    NicStep::Detach(DetachStep::UpdateFilter),
-];
 
 pub(crate) struct NicOp {
     ctx: Arc<Ctx>,
