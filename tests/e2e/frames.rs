@@ -183,6 +183,20 @@ pub fn guest_seen(id: &str, out: &str) -> String {
     guest_sh(id, &format!("cat {out}")).1
 }
 
+/// What the guest's sniffer has recorded once every one of `marks` (honest frames, sent
+/// last) has arrived, or `within` has passed: frames sent before them on the same path
+/// would have arrived first, so what is missing then was dropped, on a loaded host too.
+pub async fn guest_seen_after(id: &str, out: &str, marks: &[&str], within: Duration) -> String {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let seen = guest_seen(id, out);
+        if marks.iter().all(|m| seen.contains(m)) || std::time::Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// Runs the sender in the guest; panics if it could not send (so "not seen" always means
 /// "dropped on the way").
 pub fn guest_send(id: &str, args: &str) {

@@ -27,6 +27,8 @@ const VNI_FIRST: u32 = 20000;
 /// How long a sniffer records: long enough for every sender of a check to have run, however
 /// slow guest-exec is on a loaded host (each check reads what arrived, then moves on).
 const SNIFF_S: u32 = 600;
+/// How long honest frames may take to reach a guest's sniffer on a loaded host.
+const ARRIVAL: Duration = Duration::from_secs(60);
 
 /// The second host and the observer, with their links; removed when dropped.
 struct Topology {
@@ -242,8 +244,13 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
             &format!("hviobs1 raw {dst} 88b5 {word}"),
         );
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let seen = guest_seen(&a, "/root/flood.out");
+    let seen = guest_seen_after(
+        &a,
+        "/root/flood.out",
+        &["mark to-a", "mark broadcast"],
+        ARRIVAL,
+    )
+    .await;
     assert!(seen.contains("mark to-a"), "frames to A reach A: {seen}");
     assert!(
         seen.contains("mark broadcast"),
@@ -272,8 +279,17 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
     guest_send(&a, &format!("eth0 arp 0.0.0.0 {a4}"));
     guest_send(&a, &format!("eth0 ns :: {b6}"));
     guest_send(&a, &format!("eth0 ns {a6} {b6}"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let seen = guest_seen(&b, "/root/dad.out");
+    let seen = guest_seen_after(
+        &b,
+        "/root/dad.out",
+        &[
+            &format!("arp op=1 spa={a4} tpa={b4}"),
+            &format!("arp op=1 spa=0.0.0.0 tpa={a4}"),
+            &format!("icmp6 type=135 src={a6} target={b6}"),
+        ],
+        ARRIVAL,
+    )
+    .await;
     assert!(
         seen.contains(&format!("arp op=1 spa={a4} tpa={b4}")),
         "A's ARP request for B reaches B: {seen}"
@@ -315,12 +331,13 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
         format!("eth0 na {mac_b} {a6} {b6} {a6}"),
         format!("eth0 na {mac_b} {a6} {b6} {b6}"),
         format!("eth0 ra {mac_b} {ll_a} {b6}"),
+        // Last, an honest frame: once it has arrived, every forgery before it would have.
+        format!("eth0 ipv4 {mac_b} {a4} {b4} v4-last"),
     ];
     for args in &sends {
         guest_send(&a, args);
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let seen = guest_seen(&b, "/root/spoof.out");
+    let seen = guest_seen_after(&b, "/root/spoof.out", &["mark v4-last"], ARRIVAL).await;
     for (crosses, what) in [
         (true, "mark v4-own".to_owned()),
         (false, "mark v4-forged".to_owned()),
@@ -357,18 +374,20 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
     topo.tap("hvitap0");
     topo.tap(&orphan);
     let out = ns_sniff("hviobs", tools.path(), "hviobs1", SNIFF_S, "orphan");
-    ns_send(
-        &ns,
-        tools.path(),
-        &format!("- tap hvitap0 {observer_mac} other-port"),
-    );
+    // The orphan's frame first: once the other port's has arrived, it would have too.
     ns_send(
         &ns,
         tools.path(),
         &format!("- tap {orphan} {observer_mac} orphan-port"),
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let seen = std::fs::read_to_string(&out).unwrap();
+    ns_send(
+        &ns,
+        tools.path(),
+        &format!("- tap hvitap0 {observer_mac} other-port"),
+    );
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    eventually(ARRIVAL, || read().contains("mark other-port")).await;
+    let seen = read();
     assert!(
         seen.contains("mark other-port"),
         "a frame from a port that is no VM's crosses: {seen}"
@@ -407,8 +426,8 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
     guest_sniff(&a, "eth1", SNIFF_S, "/root/vxlan.out");
     vxlan_send(UNDERLAY_PEER, vni, "c0de", "from-peer");
     vxlan_send(UNDERLAY_STRANGER, vni, "bad0", "from-stranger");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let seen = guest_seen(&a, "/root/vxlan.out");
+    vxlan_send(UNDERLAY_PEER, vni, "c0de", "peer-after");
+    let seen = guest_seen_after(&a, "/root/vxlan.out", &["mark peer-after"], ARRIVAL).await;
     assert!(
         seen.contains("mark from-peer"),
         "the peer's frames reach the network's member: {seen}"
@@ -511,7 +530,18 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
          >/dev/null 2>&1 &",
     );
     assert_eq!(code, 0, "{out}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stalled = eventually(Duration::from_secs(60), || {
+        !virsh(&[
+            "qemu-agent-command",
+            "--timeout",
+            "2",
+            &a,
+            r#"{"execute":"guest-ping"}"#,
+        ])
+        .0
+    })
+    .await;
+    assert!(stalled, "A's guest agent stopped answering");
     let remove = {
         let (url, token, path) = (
             agent.url.clone(),
@@ -545,7 +575,12 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
         assert!(Instant::now() < deadline, "{x} never reached B");
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The address is configured in B's guest (applied live) before B sends from it.
+    let configured = eventually(Duration::from_secs(120), || {
+        guest_sh(&b, &format!("ip -o addr show | grep -q ' {x}/'")).0 == 0
+    })
+    .await;
+    assert!(configured, "{x} is configured in B");
     let (code, out) = guest_sh(
         &b,
         &format!(
@@ -554,7 +589,7 @@ async fn tenants_cannot_see_take_or_disturb_each_others_traffic() {
         ),
     );
     assert_eq!(code, 0, "B sends from {x}: {out}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    eventually(Duration::from_secs(30), || arrivals.seen("B-X")).await;
     let got = arrivals.finish();
     let (s, r) = remove.await.unwrap();
     assert_eq!(s, 200, "the removal finishes: {r}");
