@@ -429,7 +429,10 @@ async fn restart_reset_ram_resize_console_cap_and_webhook_give_up() {
         "A answers on {ip_a} after the reset"
     );
     // B, untouched, kept its boot.
-    assert!(tcp_open(&ns, &ip_b, 22), "B answers on {ip_b}");
+    assert!(
+        answers_ssh(&ns, &ip_b, Duration::from_secs(120)).await,
+        "B answers on {ip_b}"
+    );
 
     // --- RAM resize with `restart: true`: the guest sees it once the task is done.
     let mem_b0 = mem_total_kib(&b);

@@ -314,7 +314,10 @@ async fn extra_ips_spoofing_private_networks_bandwidth_and_recovery_after_a_flus
         "no shaping on {tap_a} after deployment: {qdisc}"
     );
     let (ip_a, ip_b) = (primary(&agent, &a).await, primary(&agent, &b).await);
-    assert!(tcp_open(&ns, &ip_a, 22), "A answers on its primary address");
+    assert!(
+        eventually(Duration::from_secs(120), || tcp_open(&ns, &ip_a, 22)).await,
+        "A answers on its primary address"
+    );
 
     // --- extra IPs: add, remove, then add and move to B.
     let (s, added) = agent.post(&format!("/v1/vms/{a}/ips"), json!({})).await;
