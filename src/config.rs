@@ -69,8 +69,11 @@ pub struct ApiConfig {
     pub socket: PathBuf,
     /// Group (besides root) allowed on the Unix socket; empty means root only.
     pub socket_group: String,
-    /// Hex SHA-256 hashes of the accepted bearer tokens.
+    /// Hex SHA-256 hashes of the accepted bearer tokens: each has every scope.
     pub token_sha256: Vec<String>,
+    /// Named tokens with scopes, an optional expiry and optional source networks
+    /// (`[[api.tokens]]`).
+    pub tokens: Vec<TokenConfig>,
     /// Base URL the control plane and browsers use to reach this agent (console and
     /// deployment URLs). Empty: `http://<listen>`.
     pub public_url: String,
@@ -89,6 +92,35 @@ pub struct ApiConfig {
     pub max_connections_per_peer: usize,
 }
 
+/// One named bearer token (`[[api.tokens]]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it, as logs name the caller.
+    pub name: String,
+    /// Hex SHA-256 of the token (`printf %s TOKEN | sha256sum`).
+    pub sha256: String,
+    /// What it may do: `vps:read`, `vps:write`, `vps:delete`, `console`, `metrics`,
+    /// `admin` (everything).
+    pub scopes: Vec<String>,
+    /// RFC 3339 time after which it is refused (401 `EXPIRED_API_KEY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Networks it may be used from (CIDR); empty: anywhere (403 `IP_NOT_ALLOWED`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_ips: Vec<String>,
+}
+
+/// The scopes a token may hold.
+pub const TOKEN_SCOPES: &[&str] = &[
+    "vps:read",
+    "vps:write",
+    "vps:delete",
+    "console",
+    "metrics",
+    "admin",
+];
+
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
@@ -96,6 +128,7 @@ impl Default for ApiConfig {
             socket: PathBuf::from("/run/hvnode/hvnode.sock"),
             socket_group: String::new(),
             token_sha256: Vec::new(),
+            tokens: Vec::new(),
             public_url: String::new(),
             max_body_bytes: 1024 * 1024,
             header_timeout_ms: 10_000,
@@ -657,6 +690,48 @@ impl Config {
                 ));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for t in &self.api.tokens {
+            let bad = |what: String| {
+                Err(ConfigError::Invalid(format!(
+                    "api.tokens {:?}: {what}",
+                    t.name
+                )))
+            };
+            if t.name.is_empty() || !names.insert(t.name.as_str()) {
+                return bad("every token needs a name of its own".into());
+            }
+            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad("sha256 must be 64 hex characters (sha256sum of the token)".into());
+            }
+            if t.scopes.is_empty() {
+                return bad("scopes must list at least one scope".into());
+            }
+            if let Some(s) = t
+                .scopes
+                .iter()
+                .find(|s| !TOKEN_SCOPES.contains(&s.as_str()))
+            {
+                return bad(format!(
+                    "unknown scope {s:?} (known: {})",
+                    TOKEN_SCOPES.join(", ")
+                ));
+            }
+            if let Some(e) = &t.expires_at {
+                if crate::time::parse(e).is_none() {
+                    return bad(format!("expires_at {e:?} is not an RFC 3339 time"));
+                }
+            }
+            if let Some(n) = t
+                .allowed_ips
+                .iter()
+                .find(|n| n.parse::<ipnetwork::IpNetwork>().is_err())
+            {
+                return bad(format!(
+                    "allowed_ips entry {n:?} is not an address or CIDR network"
+                ));
+            }
+        }
         check_pool("network.pool", &self.network.pool, true)?;
         if self.tasks.max_concurrent == 0 {
             return Err(ConfigError::Invalid(
@@ -716,6 +791,9 @@ impl Config {
             .iter()
             .map(|h| format!("{}…(masked)", &h[..8.min(h.len())]))
             .collect();
+        for t in &mut shown.api.tokens {
+            t.sha256 = format!("{}…(masked)", &t.sha256[..8.min(t.sha256.len())]);
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 
@@ -781,7 +859,7 @@ pub fn check_file_permissions(path: &Path, config: &Config) -> Result<(), Config
             mode,
         });
     }
-    if !config.api.token_sha256.is_empty() && mode & 0o004 != 0 {
+    if (!config.api.token_sha256.is_empty() || !config.api.tokens.is_empty()) && mode & 0o004 != 0 {
         return Err(ConfigError::WorldReadable {
             path: path.to_owned(),
             mode,
@@ -997,6 +1075,45 @@ mod tests {
         let config = Config::load(Some(&path), env(&[])).unwrap();
 
         assert!(config.network.pool6.is_some());
+    }
+
+    #[test]
+    fn scoped_tokens_are_checked_when_loaded_and_masked_when_shown() {
+        let dir = tempdir();
+        let path = dir.path().join("config.toml");
+        let hash = "c".repeat(64);
+        let load = |token: &str| {
+            std::fs::write(&path, format!("[[api.tokens]]\n{token}\n")).unwrap();
+            Config::load(Some(&path), env(&[]))
+        };
+        let good = format!(
+            "name = \"prom\"\nsha256 = \"{hash}\"\nscopes = [\"metrics\"]\n\
+             expires_at = \"2027-01-01T00:00:00Z\"\nallowed_ips = [\"10.0.0.0/8\", \"192.0.2.7\"]"
+        );
+        let config = load(&good).unwrap();
+        assert_eq!(config.api.tokens[0].scopes, ["metrics"]);
+        assert!(!config.to_masked_toml().contains(&hash));
+        for (bad, why) in [
+            (good.replace("metrics", "root"), "unknown scope"),
+            (
+                good.replace("2027-01-01T00:00:00Z", "next year"),
+                "expires_at",
+            ),
+            (good.replace("10.0.0.0/8", "10.0.0.0/33"), "allowed_ips"),
+            (good.replace(&hash, "c1"), "sha256"),
+            (good.replace("[\"metrics\"]", "[]"), "at least one scope"),
+            (good.replace("\"prom\"", "\"\""), "name"),
+        ] {
+            let err = load(&bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        // Two tokens of one name.
+        std::fs::write(
+            &path,
+            format!("[[api.tokens]]\n{good}\n[[api.tokens]]\n{good}\n"),
+        )
+        .unwrap();
+        assert!(Config::load(Some(&path), env(&[])).is_err());
     }
 
     #[test]

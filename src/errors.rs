@@ -94,6 +94,12 @@ error_codes! {
     SnapshotQuotaExceeded = ("SNAPSHOT_QUOTA_EXCEEDED", 409, "Snapshot quota exceeded"),
     /// Added: the VM's id shares the part its device names carry with another VM's (409).
     VpsIdConflict = ("VPS_ID_CONFLICT", 409, "VPS id conflict"),
+    /// Added: the token is valid but lacks the scope the route needs (403).
+    InsufficientScope = ("INSUFFICIENT_SCOPE", 403, "Insufficient scope"),
+    /// Added: the token's `expires_at` has passed (401).
+    ExpiredApiKey = ("EXPIRED_API_KEY", 401, "Expired API key"),
+    /// Added: the token may not be used from the caller's address (403).
+    IpNotAllowed = ("IP_NOT_ALLOWED", 403, "IP not allowed"),
 }
 
 impl ErrorCode {

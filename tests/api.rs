@@ -14,7 +14,7 @@ use tower::ServiceExt;
 
 mod common;
 
-use common::{harness, request, Harness, TOKEN, VM};
+use common::{harness, harness_configured, request, Harness, TOKEN, VM};
 
 async fn send(h: &Harness, req: Request<Body>) -> (StatusCode, Value) {
     h.send(req).await
@@ -700,4 +700,180 @@ async fn snapshot_routes_answer_in_the_envelope() {
         let (s, b) = send(&h, req).await;
         assert_error(s, &b, status, code);
     }
+}
+
+/// A request from TCP peer `from` with bearer `token`.
+fn from_peer(method: Method, path: &str, token: &str, from: &str, body: Body) -> Request<Body> {
+    let mut req = request(method, path, Some(token), body);
+    let addr = std::net::SocketAddr::new(from.parse().unwrap(), 40000);
+    req.extensions_mut().insert(ConnectInfo(addr));
+    req
+}
+
+#[tokio::test]
+async fn scoped_tokens_are_refused_with_their_code_and_change_nothing() {
+    use hvnode::api::auth::hash_token;
+    use hvnode::config::TokenConfig;
+    let token = |name: &str, scopes: &[&str], expires: Option<&str>, ips: &[&str]| TokenConfig {
+        name: name.into(),
+        sha256: hash_token(&format!("{name}-secret")),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        expires_at: expires.map(str::to_owned),
+        allowed_ips: ips.iter().map(|s| s.to_string()).collect(),
+    };
+    let h = harness_configured(
+        |c| {
+            c.api.tokens = vec![
+                token("reader", &["vps:read"], None, &[]),
+                token("writer", &["vps:write"], None, &[]),
+                token("watcher", &["metrics"], None, &[]),
+                token("old", &["admin"], Some("2020-01-01T00:00:00Z"), &[]),
+                token("later", &["vps:read"], Some("2999-01-01T00:00:00Z"), &[]),
+                token("fenced", &["admin"], None, &["10.99.0.0/16"]),
+            ];
+        },
+        |_| {},
+    );
+    let local = "127.0.0.1";
+    let call = |m: Method, path: &str, who: &str, from: &str, body: Body| {
+        from_peer(m, path, &format!("{who}-secret"), from, body)
+    };
+    let vm_path = format!("/v1/vms/{VM}");
+    let start = format!("/v1/vms/{VM}/start");
+    let console = format!("/v1/vms/{VM}/console");
+
+    // The reader reads, and is refused every change before any handler looks at it: a
+    // create that would otherwise be admitted leaves the list as it was.
+    let (s, _) = send(
+        &h,
+        call(Method::GET, "/v1/vms", "reader", local, Body::empty()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = send(
+        &h,
+        call(
+            Method::POST,
+            "/v1/vms",
+            "reader",
+            local,
+            create_body(json!({})),
+        ),
+    )
+    .await;
+    assert_error(s, &body, 403, "INSUFFICIENT_SCOPE");
+    assert!(
+        body["message"].as_str().unwrap().contains("vps:write"),
+        "{body}"
+    );
+    let (s, body) = send(
+        &h,
+        call(Method::DELETE, &vm_path, "reader", local, Body::empty()),
+    )
+    .await;
+    assert_error(s, &body, 403, "INSUFFICIENT_SCOPE");
+    let (s, body) = send(
+        &h,
+        call(Method::POST, &console, "reader", local, Body::from("{}")),
+    )
+    .await;
+    assert_error(s, &body, 403, "INSUFFICIENT_SCOPE");
+    let (s, body) = send(
+        &h,
+        call(Method::GET, "/metrics", "reader", local, Body::empty()),
+    )
+    .await;
+    assert_error(s, &body, 403, "INSUFFICIENT_SCOPE");
+    let (_, list) = send(
+        &h,
+        request(Method::GET, "/v1/vms", Some(TOKEN), Body::empty()),
+    )
+    .await;
+    assert_eq!(list["data"]["pagination"]["total"], json!(0), "{list}");
+
+    // The writer passes the scope check on a change (and meets the VM's absence), not on a
+    // deletion.
+    let (s, body) = send(
+        &h,
+        call(Method::POST, &start, "writer", local, Body::from("{}")),
+    )
+    .await;
+    assert_error(s, &body, 404, "VPS_NOT_FOUND");
+    let (s, body) = send(
+        &h,
+        call(Method::DELETE, &vm_path, "writer", local, Body::empty()),
+    )
+    .await;
+    assert_error(s, &body, 403, "INSUFFICIENT_SCOPE");
+
+    // Metrics alone.
+    let a = h
+        .answer(call(
+            Method::GET,
+            "/metrics",
+            "watcher",
+            local,
+            Body::empty(),
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let (s, body) = send(
+        &h,
+        call(Method::GET, "/v1/vms", "watcher", local, Body::empty()),
+    )
+    .await;
+    assert_error(s, &body, 403, "INSUFFICIENT_SCOPE");
+
+    // Expiry: past refused, future accepted.
+    let (s, body) = send(
+        &h,
+        call(Method::GET, "/v1/vms", "old", local, Body::empty()),
+    )
+    .await;
+    assert_error(s, &body, 401, "EXPIRED_API_KEY");
+    let (s, _) = send(
+        &h,
+        call(Method::GET, "/v1/vms", "later", local, Body::empty()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Source networks: outside refused, inside accepted (IPv4-mapped IPv6 too).
+    let (s, body) = send(
+        &h,
+        call(Method::GET, "/v1/vms", "fenced", local, Body::empty()),
+    )
+    .await;
+    assert_error(s, &body, 403, "IP_NOT_ALLOWED");
+    let (s, _) = send(
+        &h,
+        call(Method::GET, "/v1/vms", "fenced", "10.99.4.2", Body::empty()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = send(
+        &h,
+        call(
+            Method::GET,
+            "/v1/vms",
+            "fenced",
+            "::ffff:10.99.4.2",
+            Body::empty(),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+
+    // The unscoped token list keeps full access.
+    let a = h
+        .answer(request(Method::GET, "/metrics", Some(TOKEN), Body::empty()))
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    // An unknown token is still just invalid.
+    let (s, body) = send(
+        &h,
+        call(Method::GET, "/v1/vms", "nobody", local, Body::empty()),
+    )
+    .await;
+    assert_error(s, &body, 401, "INVALID_API_KEY");
 }

@@ -157,6 +157,9 @@ mod tests {
             ("CONSOLE_LIMIT", 409),
             ("SNAPSHOT_QUOTA_EXCEEDED", 409),
             ("VPS_ID_CONFLICT", 409),
+            ("INSUFFICIENT_SCOPE", 403),
+            ("EXPIRED_API_KEY", 401),
+            ("IP_NOT_ALLOWED", 403),
         ];
 
         for (name, status) in expected {

@@ -28,9 +28,19 @@ pub struct Harness {
 
 /// The router on a store that `seed` fills first.
 pub fn harness_with(seed: impl FnOnce(&Store)) -> Harness {
+    harness_configured(|_| {}, seed)
+}
+
+/// The router with `configure` applied to its configuration, on a store that `seed`
+/// fills first.
+pub fn harness_configured(
+    configure: impl FnOnce(&mut Config),
+    seed: impl FnOnce(&Store),
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::load(None, Vec::<(String, String)>::new()).unwrap();
     config.api.token_sha256 = vec![hash_token(TOKEN)];
+    configure(&mut config);
     config.storage.image_dir = dir.path().join("images");
     config.storage.vm_dir = dir.path().join("vms");
     config.libvirt.uri = "qemu+unix:///system?socket=/nonexistent/hvnode-test.sock".into();

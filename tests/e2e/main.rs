@@ -20,3 +20,4 @@ mod reconcile;
 mod reinstall_resize;
 mod snapshots;
 mod tenancy;
+mod tokens;
