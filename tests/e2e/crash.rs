@@ -433,7 +433,13 @@ async fn every_kind_of_task_killed_midway_finishes_or_unwinds_at_restart() {
     );
 
     // Shrunk back with the confirmation, killed after the disk was re-created: the VM comes
-    // back on a 4 GiB disk.
+    // back on a 4 GiB disk, and what the old disk held is gone (that is what ERASE
+    // confirmed); the marker is there until then.
+    let (code, out) = guest_sh(
+        &a,
+        "echo kept > /root/shrink-marker && sync && cat /root/shrink-marker",
+    );
+    assert_eq!((code, out.trim()), (0, "kept"), "the marker is written");
     let t = killed_during(
         &mut agent,
         "resize:resize_disk:after",
@@ -449,6 +455,26 @@ async fn every_kind_of_task_killed_midway_finishes_or_unwinds_at_restart() {
     let size = crate::harness::sh(&format!("qemu-img info -U {}", disk.display())).1;
     assert!(size.contains("virtual size: 4 GiB"), "{size}");
     wait_guest_agent(&a, BOOT).await;
+    assert!(
+        eventually(Duration::from_secs(60), || guest_sh(
+            &a,
+            "lsblk -bdno SIZE /dev/vda"
+        )
+        .1
+        .trim()
+            == (4u64 << 30).to_string())
+        .await,
+        "the guest sees 4 GiB"
+    );
+    let (code, out) = guest_sh(
+        &a,
+        "if test -e /root/shrink-marker; then echo present; else echo absent; fi",
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "absent"),
+        "the erased disk no longer holds the marker"
+    );
 
     // A reinstall, killed once the new disk was in place: it finishes, and the guest
     // answers with the address it had.
