@@ -415,6 +415,10 @@ pub struct WebhooksConfig {
     pub max_age_s: u64,
     /// Per-request timeout.
     pub timeout_s: u64,
+    /// Deliver to loopback, private, link-local (cloud metadata), CGNAT, unique-local and
+    /// other non-public addresses too. Off: webhook URLs come from customers, and the
+    /// node must not become their way into the management network.
+    pub allow_private: bool,
 }
 
 impl Default for WebhooksConfig {
@@ -424,6 +428,7 @@ impl Default for WebhooksConfig {
             max_backoff_s: 300,
             max_age_s: 86_400,
             timeout_s: 10,
+            allow_private: false,
         }
     }
 }

@@ -13,6 +13,13 @@
 //!    outbox survives restarts, so a pending delivery continues after one.
 //!
 //! Secrets are stored with the entry (the VM may be gone before delivery) and never logged.
+//!
+//! Webhook URLs come from customers. Each attempt resolves the URL's host itself and
+//! refuses it when any address is not public (loopback, private, link-local and the cloud
+//! metadata address, CGNAT, unique-local, multicast, …) unless `webhooks.allow_private`;
+//! the request then goes to exactly the addresses checked, so a name that resolves
+//! differently a moment later (DNS rebinding) cannot slip through. A refusal is recorded as
+//! the attempt's error.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,22 +152,14 @@ pub struct Deliverer {
     store: Store,
     config: WebhooksConfig,
     outbox: Outbox,
-    client: reqwest::Client,
 }
 
 impl Deliverer {
     pub fn new(store: Store, config: WebhooksConfig, outbox: Outbox) -> Deliverer {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(config.timeout_s.max(1)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("hvnode/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("HTTP client with static settings");
         Deliverer {
             store,
             config,
             outbox,
-            client,
         }
     }
 
@@ -232,9 +231,54 @@ impl Deliverer {
         Ok(next.map(|ms| Duration::from_millis((ms - now_ms()).max(0) as u64)))
     }
 
+    /// A client bound to the checked addresses of `url`'s host, or why the destination is
+    /// refused.
+    async fn client_for(&self, url: &str) -> Result<reqwest::Client, String> {
+        let parsed = reqwest::Url::parse(url).map_err(|_| "unparseable URL".to_owned())?;
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| "a URL without a host".to_owned())?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = parsed
+            .port_or_known_default()
+            .ok_or_else(|| "a URL without a port".to_owned())?;
+        let addrs: Vec<std::net::SocketAddr> = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![std::net::SocketAddr::new(ip, port)],
+            Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(|_| format!("{host} does not resolve"))?
+                .collect(),
+        };
+        if addrs.is_empty() {
+            return Err(format!("{host} does not resolve"));
+        }
+        if !self.config.allow_private {
+            if let Some(a) = addrs.iter().find(|a| !is_public(a.ip())) {
+                return Err(format!(
+                    "destination refused: {host} is {}, not a public address \
+                     (webhooks.allow_private)",
+                    a.ip()
+                ));
+            }
+        }
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(self.config.timeout_s.max(1)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("hvnode/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .resolve_to_addrs(&host, &addrs)
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))
+    }
+
     async fn deliver(&self, d: Due) -> store::Result<()> {
-        let mut req = self
-            .client
+        let client = match self.client_for(&d.url).await {
+            Ok(c) => c,
+            Err(why) => return self.failed(&d, why).await,
+        };
+        let mut req = client
             .post(&d.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("X-Webhook-Event", &d.event)
@@ -263,33 +307,37 @@ impl Deliverer {
                     })
                     .await
             }
-            Err(why) => {
-                let attempts = d.attempts + 1;
-                let delay = backoff(&self.config, attempts);
-                let give_up = now_ms() + delay.as_millis() as i64 - d.created_ms
-                    > self.config.max_age_s as i64 * 1000;
-                if give_up {
-                    tracing::error!(event = %d.event, attempts, error = %why,
+            Err(why) => self.failed(&d, why).await,
+        }
+    }
+
+    /// Records a failed attempt: a retry after the backoff, or the end after max_age_s.
+    async fn failed(&self, d: &Due, why: String) -> store::Result<()> {
+        let id = d.id;
+        let attempts = d.attempts + 1;
+        let delay = backoff(&self.config, attempts);
+        let give_up = now_ms() + delay.as_millis() as i64 - d.created_ms
+            > self.config.max_age_s as i64 * 1000;
+        if give_up {
+            tracing::error!(event = %d.event, attempts, error = %why,
                         "webhook abandoned after webhooks.max_age_s");
-                } else {
-                    tracing::warn!(event = %d.event, attempts, error = %why,
+        } else {
+            tracing::warn!(event = %d.event, attempts, error = %why,
                         retry_in_ms = delay.as_millis() as u64, "webhook delivery failed");
-                }
-                let (next, now) = (now_ms() + delay.as_millis() as i64, crate::time::now());
-                self.store
-                    .call(move |c| {
-                        c.execute(
-                            "UPDATE webhooks SET attempts = ?2, next_attempt_ms = ?3,
+        }
+        let (next, now) = (now_ms() + delay.as_millis() as i64, crate::time::now());
+        self.store
+            .call(move |c| {
+                c.execute(
+                    "UPDATE webhooks SET attempts = ?2, next_attempt_ms = ?3,
                                 last_error = ?4,
                                 abandoned_at = CASE WHEN ?5 THEN ?6 ELSE NULL END
                              WHERE id = ?1",
-                            params![id, attempts, next, why, give_up, now],
-                        )?;
-                        Ok(())
-                    })
-                    .await
-            }
-        }
+                    params![id, attempts, next, why, give_up, now],
+                )?;
+                Ok(())
+            })
+            .await
     }
 }
 
@@ -299,6 +347,44 @@ pub fn backoff(config: &WebhooksConfig, attempts: u32) -> Duration {
     let factor = 1u64 << attempts.saturating_sub(1).min(30);
     Duration::from_millis(base.saturating_mul(factor))
         .min(Duration::from_secs(config.max_backoff_s))
+}
+
+/// Whether `ip` is an address on the public internet: not loopback, unspecified, private
+/// (RFC 1918), shared (CGNAT), link-local (the cloud metadata address among them),
+/// unique-local, multicast, broadcast, documentation, benchmarking or reserved.
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (18..20).contains(&o[1]))
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
+                || (s[0] == 0x64 && s[1] == 0xff9b)
+                || s[0] == 0x0100)
+        }
+    }
 }
 
 /// An error naming only the URL's host: webhook URLs often carry their credential in the
@@ -331,6 +417,135 @@ pub fn url_host(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A receiver on loopback answering 200 to every request; counts them.
+    async fn receiver() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 8192];
+                let _ = c.read(&mut buf).await;
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = c
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        (url, hits)
+    }
+
+    fn state(store: &Store, key: &str) -> (Option<String>, Option<String>) {
+        let key = key.to_owned();
+        store
+            .call_sync(move |c| {
+                Ok(c.query_row(
+                    "SELECT delivered_at, last_error FROM webhooks WHERE dedupe_key = ?1",
+                    [key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?)
+            })
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_private_destination_is_refused_unless_allowed() {
+        let (url, hits) = receiver().await;
+        let store = crate::store::test_store();
+        for key in ["refused", "allowed"] {
+            let url = url.clone();
+            store
+                .call_sync(move |c| {
+                    Ok(enqueue(
+                        c,
+                        &NewWebhook {
+                            dedupe_key: key.into(),
+                            vps_id: Uuid::new_v4(),
+                            event: DEPLOYMENT_COMPLETED,
+                            url: &url,
+                            secret: None,
+                            body: "{}".into(),
+                        },
+                    )?)
+                })
+                .unwrap();
+        }
+        // Refused: nothing reaches the receiver, and the entry says why.
+        let strict = Deliverer::new(
+            store.clone(),
+            WebhooksConfig {
+                initial_backoff_ms: 1,
+                ..WebhooksConfig::default()
+            },
+            Outbox::default(),
+        );
+        strict.deliver_due().await.unwrap();
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let (delivered, error) = state(&store, "refused");
+        assert!(delivered.is_none());
+        let error = error.unwrap_or_default();
+        assert!(
+            error.contains("destination refused") && error.contains("127.0.0.1"),
+            "{error}"
+        );
+        // Allowed: the same entries, the same receiver, delivered.
+        let open = Deliverer::new(
+            store.clone(),
+            WebhooksConfig {
+                allow_private: true,
+                ..WebhooksConfig::default()
+            },
+            Outbox::default(),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        open.deliver_due().await.unwrap();
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(state(&store, "allowed").0.is_some());
+        // A name is checked by what it resolves to.
+        let named = url.replace("127.0.0.1", "localhost");
+        let why = strict.client_for(&named).await.unwrap_err();
+        assert!(why.contains("not a public address"), "{why}");
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "192.0.2.1",
+            "198.18.0.1",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00:ec2::254",
+            "fc00::1",
+            "ff02::1",
+            "::ffff:10.0.0.1",
+            "::ffff:127.0.0.1",
+            "2001:db8::1",
+        ] {
+            assert!(!is_public(a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "203.0.114.1",
+            "2a00:1450::1",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(is_public(a.parse().unwrap()), "{a}");
+        }
+    }
 
     #[test]
     fn signatures_are_hex_hmac_sha256() {

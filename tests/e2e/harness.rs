@@ -285,6 +285,9 @@ dns = ["{gw}"]
         let child = Command::new(agent_binary())
             .args(["serve", "--config"])
             .arg(&self.config_path)
+            // The rig's webhook receivers are on loopback and the rig's private network;
+            // a test's own env may say otherwise.
+            .env("HVNODE_WEBHOOKS__ALLOW_PRIVATE", "true")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "hvnode=debug,info")
             .stdin(Stdio::null())

@@ -19,13 +19,13 @@ use crate::harness::*;
 const BOOT: Duration = Duration::from_secs(1500);
 /// A template whose manifest names the real image with a wrong checksum: a deployment
 /// from it fails at `validate_resources`, inside its task.
-const BAD_TEMPLATE: &str = "9099";
+pub(crate) const BAD_TEMPLATE: &str = "9099";
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The rig's image store plus a manifest for the real image with a wrong checksum.
-fn image_store(rig: &Rig, dir: &std::path::Path) {
+pub(crate) fn image_store(rig: &Rig, dir: &std::path::Path) {
     std::fs::create_dir_all(dir).unwrap();
     let manifest = std::fs::read_to_string(rig.image_dir.join("9010.toml")).unwrap();
     std::fs::write(dir.join("9010.toml"), &manifest).unwrap();
@@ -158,7 +158,7 @@ async fn task_ids(agent: &Agent, vm: &str) -> Vec<String> {
 }
 
 /// One webhook delivery's body, received on a local port.
-fn webhook_receiver() -> (u16, std::sync::mpsc::Receiver<String>) {
+pub(crate) fn webhook_receiver() -> (u16, std::sync::mpsc::Receiver<String>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = std::sync::mpsc::channel();

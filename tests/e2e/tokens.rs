@@ -1,6 +1,9 @@
-//! Scoped tokens on a real agent process and a real libvirtd: a token is refused for a
-//! missing scope, an expiry or its source address before anything happens (no record, no
-//! domain), beside the same token, or one holding the scope, being served. No guest boots.
+//! The control plane's edge on a real agent process and a real libvirtd. Scoped tokens: a
+//! token is refused for a missing scope, an expiry or its source address before anything
+//! happens (no record, no domain), beside the same token, or one holding the scope, being
+//! served. Webhook destinations: a customer's webhook to a private address is refused
+//! unless `webhooks.allow_private`, beside the same webhook delivered when it is allowed.
+//! No guest boots.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -182,4 +185,69 @@ async fn scoped_tokens_are_refused_before_anything_happens() {
     for name in ["reader", "operator", "prometheus", "expired", "fenced"] {
         assert!(!agent.log().contains(&secret(name)));
     }
+}
+
+/// A deployment that fails inside its task (a template with a wrong checksum) with a
+/// webhook to a receiver on loopback: its failure webhook as `agent` delivers it.
+async fn failure_webhook(agent: &Agent, name: &str) -> Option<String> {
+    use crate::tenancy::{webhook_receiver, BAD_TEMPLATE};
+    let (port, hooks) = webhook_receiver();
+    let id = new_id();
+    let mut body = create_body(&id, name, "Sc0ped-tokens");
+    body["template_id"] = json!(BAD_TEMPLATE);
+    body["webhook_url"] = json!(format!("http://127.0.0.1:{port}/hooks/{name}"));
+    let (s, r) = agent.create(body).await;
+    assert_eq!(s, 202, "{r}");
+    let (doc, _) = agent.wait_deployment(&id, Duration::from_secs(300)).await;
+    assert_eq!(doc["deployment_status"], json!("failed"), "{doc}");
+    tokio::task::spawn_blocking(move || hooks.recv_timeout(Duration::from_secs(30)).ok())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_to_a_private_address_is_refused_unless_allowed() {
+    let rig = Rig::load();
+    let images = tempfile::tempdir_in(rig.root.join("e2e")).unwrap();
+    crate::tenancy::image_store(&rig, images.path());
+    let options = |env: Vec<(String, String)>, pool: u8| AgentOptions {
+        pool: (pool, pool),
+        image_dir: Some(images.path().to_owned()),
+        env,
+        ..Default::default()
+    };
+    // The rig's default (allow_private = true): the same kind of webhook to the same kind
+    // of receiver arrives.
+    let open = Agent::start("hooks-open", options(Vec::new(), 244));
+    let hook = failure_webhook(&open, "hooks-open").await;
+    assert!(
+        hook.as_deref()
+            .is_some_and(|h| h.contains("vps.deployment.failed")),
+        "delivered when private destinations are allowed: {hook:?}"
+    );
+    // allow_private = false: refused, never reaches the receiver, and the log says why.
+    let strict = Agent::start(
+        "hooks-strict",
+        options(
+            vec![("HVNODE_WEBHOOKS__ALLOW_PRIVATE".into(), "false".into())],
+            245,
+        ),
+    );
+    let hook = failure_webhook(&strict, "hooks-strict").await;
+    assert!(hook.is_none(), "refused, yet it arrived: {hook:?}");
+    assert!(
+        strict
+            .log()
+            .contains("destination refused: 127.0.0.1 is 127.0.0.1"),
+        "the refusal is logged: {}",
+        strict.log_tail(20)
+    );
+    assert_eq!(
+        strict
+            .metric("hvnode_webhooks{state=\"pending\"}")
+            .await
+            .unwrap_or(-1.0),
+        1.0,
+        "the refused event stays pending (retried, refused again, until max_age_s)"
+    );
 }
