@@ -259,6 +259,7 @@ impl App {
         if stale {
             sample = self.sampler.fresh_since(id, asked).await;
         }
+        let sample = sample.map(|s| self.sampler.with_current_process(id, s));
         let last_stop_reason = self.vms.power(id).await?.and_then(|p| p.last_stop_reason);
         Ok(crate::metrics::status::document(
             &vm,

@@ -449,7 +449,7 @@ pub struct ReconcileConfig {
 pub struct MetricsConfig {
     /// How often the sampler sweeps every running VM.
     pub interval_ms: u64,
-    /// How long one VM's QMP `query-status`, and the bulk stats call, may take before the
+    /// How long one VM's QMP `query-status`, and the bulk stats call (at least 10 s), may take before the
     /// sweep goes on without it.
     pub qmp_timeout_ms: u64,
 }

@@ -57,6 +57,10 @@ pub struct SweepFigures {
     pub qmp_timeouts: u64,
 }
 
+/// The least time the bulk stats call is given: libvirtd under load, or busy stopping or
+/// starting a domain, can take seconds to answer it; only a hung monitor takes forever.
+const BULK_TIMEOUT_MIN: Duration = Duration::from_secs(10);
+
 /// Bulk stats calls a sweep may leave waiting on hung monitors.
 const MAX_BULK_INFLIGHT: usize = 3;
 
@@ -182,6 +186,19 @@ impl Sampler {
         qemu_pid(&self.inner.pid_dir, id)
     }
 
+    /// Makes `sample` name the QEMU running now (pid, start time) when no sweep could
+    /// see it yet (libvirt slow to answer): the figures stay the last seen, never the
+    /// process.
+    pub fn with_current_process(&self, id: Uuid, mut sample: Sample) -> Sample {
+        let pid = self.qemu_pid(id);
+        if pid.is_some() && pid != sample.pid {
+            sample.pid = pid;
+            sample.started_unix = pid.and_then(process_start_unix);
+            sample.cpu_percent = 0.0;
+        }
+        sample
+    }
+
     fn read<T>(&self, f: impl FnOnce(&Latest) -> T) -> T {
         f(&self.inner.latest.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -291,7 +308,7 @@ impl Sampler {
         n
     }
 
-    /// The bulk stats call, bounded by the QMP timeout. libvirt skips a domain whose
+    /// The bulk stats call, bounded by the QMP timeout (at least `BULK_TIMEOUT_MIN`). libvirt skips a domain whose
     /// monitor another call holds, but the call that takes a hung QEMU's monitor first
     /// waits for it forever: that call is left behind (one blocked worker, the monitor
     /// stays held) and asked once more, which then skips the hung domain. At most
@@ -311,7 +328,8 @@ impl Sampler {
                 inner.bulk_inflight.fetch_sub(1, Ordering::AcqRel);
                 r
             });
-            match tokio::time::timeout(self.inner.qmp_timeout, call).await {
+            let bound = self.inner.qmp_timeout.max(BULK_TIMEOUT_MIN);
+            match tokio::time::timeout(bound, call).await {
                 Ok(Ok(answer)) => return answer.map_err(|e| e.to_string()),
                 Ok(Err(e)) => return Err(format!("domain stats worker failed: {e}")),
                 Err(_) => {

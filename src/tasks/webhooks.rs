@@ -152,14 +152,20 @@ pub struct Deliverer {
     store: Store,
     config: WebhooksConfig,
     outbox: Outbox,
+    /// For destinations written as addresses: nothing to pin, connections are reused.
+    client: reqwest::Client,
 }
 
 impl Deliverer {
     pub fn new(store: Store, config: WebhooksConfig, outbox: Outbox) -> Deliverer {
+        let client = Deliverer::builder(&config)
+            .build()
+            .expect("HTTP client with static settings");
         Deliverer {
             store,
             config,
             outbox,
+            client,
         }
     }
 
@@ -231,8 +237,16 @@ impl Deliverer {
         Ok(next.map(|ms| Duration::from_millis((ms - now_ms()).max(0) as u64)))
     }
 
-    /// A client bound to the checked addresses of `url`'s host, or why the destination is
-    /// refused.
+    fn builder(config: &WebhooksConfig) -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(config.timeout_s.max(1)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("hvnode/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+    }
+
+    /// The client for `url` (for a host name, one bound to the addresses it was checked
+    /// at), or why the destination is refused.
     async fn client_for(&self, url: &str) -> Result<reqwest::Client, String> {
         let parsed = reqwest::Url::parse(url).map_err(|_| "unparseable URL".to_owned())?;
         let host = parsed
@@ -244,9 +258,10 @@ impl Deliverer {
         let port = parsed
             .port_or_known_default()
             .ok_or_else(|| "a URL without a port".to_owned())?;
-        let addrs: Vec<std::net::SocketAddr> = match host.parse::<std::net::IpAddr>() {
-            Ok(ip) => vec![std::net::SocketAddr::new(ip, port)],
-            Err(_) => tokio::net::lookup_host((host.as_str(), port))
+        let literal = host.parse::<std::net::IpAddr>().ok();
+        let addrs: Vec<std::net::SocketAddr> = match literal {
+            Some(ip) => vec![std::net::SocketAddr::new(ip, port)],
+            None => tokio::net::lookup_host((host.as_str(), port))
                 .await
                 .map_err(|_| format!("{host} does not resolve"))?
                 .collect(),
@@ -263,11 +278,10 @@ impl Deliverer {
                 ));
             }
         }
-        reqwest::Client::builder()
-            .timeout(Duration::from_secs(self.config.timeout_s.max(1)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("hvnode/", env!("CARGO_PKG_VERSION")))
-            .no_proxy()
+        if literal.is_some() {
+            return Ok(self.client.clone());
+        }
+        Deliverer::builder(&self.config)
             .resolve_to_addrs(&host, &addrs)
             .build()
             .map_err(|e| format!("HTTP client: {e}"))
