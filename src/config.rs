@@ -688,7 +688,7 @@ impl Config {
             ));
         }
         for hash in &self.api.token_sha256 {
-            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !is_sha256_hex(hash) {
                 return Err(ConfigError::Invalid(
                     "api.token_sha256 entries must be 64 hex characters (sha256sum of the token)"
                         .into(),
@@ -706,7 +706,7 @@ impl Config {
             if t.name.is_empty() || !names.insert(t.name.as_str()) {
                 return bad("every token needs a name of its own".into());
             }
-            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !is_sha256_hex(&t.sha256) {
                 return bad("sha256 must be 64 hex characters (sha256sum of the token)".into());
             }
             if t.scopes.is_empty() {
@@ -790,14 +790,9 @@ impl Config {
     /// The effective configuration as TOML, with secrets masked.
     pub fn to_masked_toml(&self) -> String {
         let mut shown = self.clone();
-        shown.api.token_sha256 = shown
-            .api
-            .token_sha256
-            .iter()
-            .map(|h| format!("{}…(masked)", &h[..8.min(h.len())]))
-            .collect();
+        shown.api.token_sha256 = shown.api.token_sha256.iter().map(|h| masked(h)).collect();
         for t in &mut shown.api.tokens {
-            t.sha256 = format!("{}…(masked)", &t.sha256[..8.min(t.sha256.len())]);
+            t.sha256 = masked(&t.sha256);
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
@@ -871,6 +866,16 @@ pub fn check_file_permissions(path: &Path, config: &Config) -> Result<(), Config
         });
     }
     Ok(())
+}
+
+/// A token hash as the config holds it: SHA-256 in 64 hex characters.
+fn is_sha256_hex(h: &str) -> bool {
+    h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A token hash as `hvnode config` shows it: its first 8 characters.
+fn masked(h: &str) -> String {
+    format!("{}…(masked)", &h[..8.min(h.len())])
 }
 
 /// Builds a TOML table from `HVNODE_A__B=v` variables.

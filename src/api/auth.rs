@@ -102,13 +102,8 @@ pub struct TokenSet {
 }
 
 impl TokenSet {
-    /// From hex SHA-256 strings, each with every scope (validated by the config loader;
-    /// bad ones are skipped).
-    pub fn from_hex(hashes: &[String]) -> TokenSet {
-        TokenSet::from_config(hashes, &[])
-    }
-
-    /// `api.token_sha256` (every scope) and `[[api.tokens]]`.
+    /// `api.token_sha256` (every scope) and `[[api.tokens]]` (validated by the config
+    /// loader; bad hashes are skipped).
     pub fn from_config(hashes: &[String], tokens: &[crate::config::TokenConfig]) -> TokenSet {
         let decode = |h: &str| -> Option<[u8; 32]> { hex::decode(h).ok()?.try_into().ok() };
         let mut entries: Vec<TokenEntry> = hashes
@@ -150,11 +145,6 @@ impl TokenSet {
             }
         }
         found
-    }
-
-    /// Whether `token` is one of the set (whatever its scopes, expiry and networks).
-    pub fn accepts(&self, token: &str) -> bool {
-        self.find(token).is_some()
     }
 }
 
@@ -400,12 +390,12 @@ mod tests {
 
     #[test]
     fn tokens_are_checked_against_their_hashes() {
-        let set = TokenSet::from_hex(&[hash_token("alpha"), hash_token("beta")]);
+        let set = TokenSet::from_config(&[hash_token("alpha"), hash_token("beta")], &[]);
 
-        assert!(set.accepts("alpha"));
-        assert!(set.accepts("beta"));
-        assert!(!set.accepts("gamma"));
-        assert!(!set.accepts(""));
+        assert!(set.find("alpha").is_some());
+        assert!(set.find("beta").is_some());
+        assert!(set.find("gamma").is_none());
+        assert!(set.find("").is_none());
     }
 
     #[test]
@@ -418,7 +408,7 @@ mod tests {
 
     #[test]
     fn an_empty_token_set_accepts_nothing() {
-        assert!(!TokenSet::default().accepts("anything"));
+        assert!(TokenSet::default().find("anything").is_none());
     }
 
     #[test]

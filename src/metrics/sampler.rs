@@ -4,11 +4,12 @@
 //! (`virConnectGetAllDomainStats`, which skips a domain whose monitor is busy instead of
 //! waiting for it) and asks each running domain's QEMU for `query-status` through
 //! libvirt's monitor passthrough, all of them at once, each with its own timeout. A VM
-//! whose previous query has not come back yet is not asked again, and the bulk call has
-//! the same timeout (the first call to reach a hung QEMU's monitor waits on it), so a
-//! hung QEMU costs a blocked worker or two, never the sweep. Readers take the latest sweep from memory; nothing
-//! they do waits for libvirt unless the latest sweep is older than the interval, and then
-//! they join the sweep in progress rather than start another.
+//! whose previous query has not come back yet is not asked again, and the bulk call is
+//! bounded too (the first call to reach a hung QEMU's monitor waits on it; see
+//! `bulk_stats`), so a hung QEMU costs a blocked worker or two, never the sweep. Readers
+//! take the latest sweep from memory; nothing they do waits for libvirt unless the latest
+//! sweep is older than the interval, and then they join the sweep in progress rather than
+//! start another.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -308,8 +309,9 @@ impl Sampler {
         n
     }
 
-    /// The bulk stats call, bounded by the QMP timeout (at least `BULK_TIMEOUT_MIN`). libvirt skips a domain whose
-    /// monitor another call holds, but the call that takes a hung QEMU's monitor first
+    /// The bulk stats call, bounded by the QMP timeout (at least `BULK_TIMEOUT_MIN`).
+    /// libvirt skips a domain whose monitor another call holds, but the call that takes a
+    /// hung QEMU's monitor first
     /// waits for it forever: that call is left behind (one blocked worker, the monitor
     /// stays held) and asked once more, which then skips the hung domain. At most
     /// `MAX_BULK_INFLIGHT` calls are ever left behind (a QEMU being killed blocks every

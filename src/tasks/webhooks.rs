@@ -334,19 +334,19 @@ impl Deliverer {
             > self.config.max_age_s as i64 * 1000;
         if give_up {
             tracing::error!(event = %d.event, attempts, error = %why,
-                        "webhook abandoned after webhooks.max_age_s");
+                "webhook abandoned after webhooks.max_age_s");
         } else {
             tracing::warn!(event = %d.event, attempts, error = %why,
-                        retry_in_ms = delay.as_millis() as u64, "webhook delivery failed");
+                retry_in_ms = delay.as_millis() as u64, "webhook delivery failed");
         }
         let (next, now) = (now_ms() + delay.as_millis() as i64, crate::time::now());
         self.store
             .call(move |c| {
                 c.execute(
                     "UPDATE webhooks SET attempts = ?2, next_attempt_ms = ?3,
-                                last_error = ?4,
-                                abandoned_at = CASE WHEN ?5 THEN ?6 ELSE NULL END
-                             WHERE id = ?1",
+                        last_error = ?4,
+                        abandoned_at = CASE WHEN ?5 THEN ?6 ELSE NULL END
+                     WHERE id = ?1",
                     params![id, attempts, next, why, give_up, now],
                 )?;
                 Ok(())
